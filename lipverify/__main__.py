@@ -1,0 +1,3 @@
+from lipverify.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Certified l2 radii from a claimed Lipschitz bound.
+
+The protocol, in one place:
+
+* A model *claims* a Lipschitz bound ``L`` (attribute ``lipschitz_claim``) for the map its
+  certificate formula relies on, and names the formula (attribute ``certificate_kind``):
+
+  - ``"ortho"`` (orthogonal last layer, and any generic model): ``L`` covers pixels -> logits,
+    and ``radius = (f_y - max_{j!=y} f_j) / (sqrt(2) L)``.
+  - ``"lln"`` (Last Layer Normalization): ``L`` covers pixels -> features (``model.features``),
+    and ``radius = min_{j!=y} (f_y - f_j) / (||w_y - w_j|| L)`` over *all* other classes,
+    with ``w`` the normalized rows of ``model.last_layer``. A pair with ``w_y = w_j`` never
+    flips when its margin is positive, so it is skipped; with a margin <= 0 the radius is 0.
+
+* For SOC LipConvNets ``L = 1/min(std)``, the factor of the input normalization. The reference
+  code uses ``1/max(std)``; the two agree for the uniform std the papers use, and lipverify uses
+  ``min(std)``, which is the sound choice for per-channel std.
+* ``lipschitz=`` overrides the claim, e.g. with an audited guaranteed upper bound.
+
+Guarantee: if the claim is a true upper bound, no input within ``radius`` (l2, pixel space) of
+``x`` changes the prediction. The audit (:mod:`lipverify.audits`) checks the claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lipverify.errors import InputError, check_images, check_labels, check_radius
+
+__all__ = ["Certificates", "certify", "certified_accuracy", "radii_from_logits", "claim_of"]
+
+
+@dataclass
+class Certificates:
+    """Predictions and certified l2 radii (pixel units) of a batch."""
+
+    pred: torch.Tensor
+    radius: torch.Tensor
+    logits: torch.Tensor
+
+
+def claim_of(model: nn.Module, lipschitz: float | None = None) -> tuple[float, str]:
+    """The Lipschitz bound and certificate kind to use for ``model``."""
+    kind = getattr(model, "certificate_kind", "ortho")
+    if lipschitz is None:
+        lipschitz = getattr(model, "lipschitz_claim", None)
+        if lipschitz is None:
+            raise InputError(
+                "this model declares no Lipschitz bound; pass lipschitz=L for its logit map"
+            )
+    lipschitz = float(lipschitz)
+    if not math.isfinite(lipschitz) or lipschitz <= 0:
+        raise InputError(f"the Lipschitz bound must be positive and finite, got {lipschitz}")
+    return lipschitz, kind
+
+
+def _lln_weight(model: nn.Module) -> torch.Tensor:
+    last = model.last_layer
+    return last.normalized_weight() if hasattr(last, "normalized_weight") else last.weight
+
+
+def radii_from_logits(
+    logits: torch.Tensor,
+    lipschitz: float,
+    kind: str = "ortho",
+    weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Certified radius of ``target`` (default: the predicted class); negative if misclassified.
+
+    ``weight`` holds the normalized LLN rows, required for ``kind="lln"``.
+    """
+    if target is None:
+        target = logits.argmax(1)
+    fy = logits.gather(1, target[:, None])
+    margins = fy - logits  # (N, K): f_y - f_j
+    other = torch.ones_like(margins, dtype=torch.bool).scatter_(1, target[:, None], False)
+    if kind == "ortho":
+        best_other = logits.masked_fill(~other, float("-inf")).max(1).values
+        return (fy[:, 0] - best_other) / (math.sqrt(2.0) * lipschitz)
+    if kind != "lln":
+        raise ValueError(f"unknown certificate kind {kind!r}")
+    if weight is None:
+        raise ValueError("LLN certificates need the normalized last-layer weight")
+    w = weight.to(logits.dtype)
+    dist = torch.cdist(w[target], w, compute_mode="donot_use_mm_for_euclid_dist")  # (N, K)
+    ratio = margins / (dist * lipschitz)
+    # Identical rows: a positive margin never flips (skip), a non-positive one gives 0.
+    same = dist == 0
+    ratio = torch.where(same & (margins > 0), torch.full_like(ratio, float("inf")), ratio)
+    ratio = torch.where(same & (margins <= 0), torch.zeros_like(ratio), ratio)
+    return ratio.masked_fill(~other, float("inf")).min(1).values
+
+
+@torch.no_grad()
+def certify(
+    model: nn.Module,
+    x: torch.Tensor,
+    lipschitz: float | None = None,
+    batch_size: int = 256,
+) -> Certificates:
+    """Predictions and certified l2 radii around them, using the model's claim (or ``lipschitz``).
+
+    The model is evaluated in eval mode; its previous mode is restored afterwards.
+    """
+    lip, kind = claim_of(model, lipschitz)
+    check_images(x)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        weight = _lln_weight(model) if kind == "lln" else None
+        radius = radii_from_logits(logits, lip, kind, weight).clamp_min(0.0)
+    finally:
+        model.train(was_training)
+    return Certificates(pred=logits.argmax(1), radius=radius, logits=logits)
+
+
+DEFAULT_RADII = (36 / 255, 72 / 255, 108 / 255)
+
+
+def certified_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    radii: Iterable[float] = DEFAULT_RADII,
+    lipschitz: float | None = None,
+    certificates: Certificates | None = None,
+) -> dict:
+    """Clean accuracy and certified accuracy at each radius.
+
+    A sample is certified at ``r`` when it is correct and its radius is strictly greater than
+    ``r``. With ``y=None`` every prediction counts as correct (the fraction with radius > r).
+    Keys: ``clean_accuracy`` and ``certified_accuracy`` (radius formatted ``"%.6f"`` -> fraction).
+    """
+    radii = [check_radius(r) for r in radii]
+    cert = certificates if certificates is not None else certify(model, x, lipschitz)
+    n = cert.pred.shape[0]
+    correct = (
+        torch.ones(n, dtype=torch.bool)
+        if y is None
+        else cert.pred.cpu() == check_labels(y, n, cert.logits.shape[1]).cpu()
+    )
+    rad = cert.radius.cpu()
+    return {
+        "clean_accuracy": correct.float().mean().item(),
+        "certified_accuracy": {
+            "%.6f" % r: (correct & (rad > r)).float().mean().item() for r in radii
+        },
+    }

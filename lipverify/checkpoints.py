@@ -1,0 +1,213 @@
+"""Self-describing, checksummed checkpoints and safe loading.
+
+Guarantees:
+
+* Loading never runs code from the file: every load is ``torch.load(..., weights_only=True)``;
+  a file that needs arbitrary unpickling is refused with :class:`CheckpointError`.
+* A lipverify checkpoint stores a format version, the architecture, the weights, metadata and a
+  SHA-256 over all of them (tensor names, dtypes, shapes and bytes, and the canonical text of
+  every other value). Any change to the stored content fails the check on load.
+* Writes are atomic (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipverify.atomic import atomic_write_bytes
+from lipverify.errors import CheckpointError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "load_model",
+    "safe_torch_load",
+    "content_sha256",
+    "file_sha256",
+    "load_state_strict",
+]
+
+FORMAT = "lipverify-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _digest(h: Any, obj: Any) -> None:
+    """Feed a canonical encoding of ``obj`` (nested containers, tensors, scalars) into ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_sha256(payload: dict) -> str:
+    """SHA-256 of everything in a checkpoint payload except the ``sha256`` entry itself."""
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in payload.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for unsafe or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: refused, the file needs arbitrary unpickling (it could run code); "
+                "nothing in it was executed. Re-save it as plain tensors and dicts"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or not a checkpoint ({_short(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
+            IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
+            OverflowError, AssertionError) as e:
+        raise CheckpointError(
+            f"{path}: truncated, corrupt or not a checkpoint ({_short(e)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure of the unpickler is a bad file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (f"{type(e).__name__}: {text[0]}" if text else type(e).__name__)[:200]
+
+
+def load_state_strict(
+    model: nn.Module, state: dict, ignore_missing: tuple[str, ...] = (), source: str = "checkpoint"
+) -> None:
+    """Load ``state`` into ``model``; name the first key or shape that does not fit."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{source}: the weights are not a state_dict")
+    own = model.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise CheckpointError(f"{source}: architecture mismatch, unexpected key {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: {k!r} is not a tensor")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(
+                f"{source}: architecture mismatch at {k!r}: file has shape {tuple(v.shape)}, "
+                f"model expects {tuple(own[k].shape)}"
+            )
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: {k!r} holds NaN or Inf weights")
+    for k in own:
+        if k not in state and not k.startswith(ignore_missing):
+            raise CheckpointError(f"{source}: architecture mismatch, missing key {k!r}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, extra: dict | None = None, **metadata: Any
+) -> Path:
+    """Write ``model`` (a LipConvNet) with ``metadata`` atomically; return the path.
+
+    ``extra`` holds further tensors/containers (e.g. optimizer state), covered by the checksum.
+    """
+    arch = getattr(model, "config", None)
+    if arch is None:
+        raise TypeError("save_checkpoint needs a model with a .config (e.g. a LipConvNet)")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": dict(arch),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "metadata": json.loads(json.dumps(metadata, default=str)),
+        "extra": extra or {},
+    }
+    payload["sha256"] = content_sha256(payload)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Safely read and verify a lipverify checkpoint payload (no model is built)."""
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (top level is {type(payload).__name__})")
+    if payload.get("format") != FORMAT:
+        if "state_dict" in payload and "config" in payload:
+            raise CheckpointError(
+                f"{path}: a reference-code checkpoint; load it with lipverify.load_soc_reference"
+            )
+        raise CheckpointError(f"{path}: not a lipverify checkpoint (no format tag)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {payload.get('format_version')!r} is not supported "
+            f"(this lipverify reads version {FORMAT_VERSION})"
+        )
+    for key, kind in (("architecture", dict), ("state_dict", dict), ("metadata", dict),
+                      ("extra", dict), ("sha256", str)):
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(f"{path}: corrupt checkpoint, {key!r} is missing or malformed")
+    if content_sha256(payload) != payload["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or was modified")
+    return payload
+
+
+def build_model(architecture: dict, source: str = "checkpoint") -> nn.Module:
+    """Construct a LipConvNet from an architecture dict, with a one-line error on bad values."""
+    from lipverify.models import LipConvNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return LipConvNet(**architecture)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: unusable architecture ({_short(e)})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a lipverify checkpoint into an eval-mode model; ``model.metadata`` holds metadata."""
+    payload = read_checkpoint(path)
+    model = build_model(payload["architecture"], str(path))
+    load_state_strict(model, payload["state_dict"], source=str(path))
+    model.metadata = payload["metadata"]
+    model.checkpoint_sha256 = file_sha256(path)
+    return model.to(map_location).eval()
+
+
+def load_model(path: str | os.PathLike, **architecture: Any) -> nn.Module:
+    """Load either a lipverify checkpoint or a reference-code checkpoint (eval mode)."""
+    payload = safe_torch_load(path)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return load_checkpoint(path)
+    from lipverify.reference import load_soc_reference
+
+    return load_soc_reference(payload, _source=str(path), **architecture)

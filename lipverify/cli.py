@@ -1,0 +1,87 @@
+"""The ``lipverify`` command line: ``train``, ``certify``, ``audit``, ``replay``.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``. Bad input exits 2 with a one-line message; internal errors exit 4 with a
+one-line message and the path of a log holding the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import traceback
+
+from lipverify import __version__
+
+COMMANDS = {
+    "train": ("lipverify.train", "train a LipConvNet (SOC/Cayley/BCOP, HH, LLN, CR)"),
+    "certify": ("lipverify.certify_cmd", "print clean and certified accuracy of a checkpoint"),
+    "audit": ("lipverify.audits.cli", "audit a checkpoint's certificates: sound or not?"),
+    "replay": ("lipverify.audits.replay", "re-check saved violations in float32 and float64"),
+}
+
+EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a one-line message (no usage dump) on bad options."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"lipverify: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lipverify", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lipverify {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=name)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lipverify.errors import LipverifyError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    if getattr(args, "_missing", None):
+        sys.stderr.write(f"lipverify {args._missing}: not yet implemented\n")
+        return EXIT_BAD_INPUT
+    try:
+        return int(args._run(args) or 0)
+    except LipverifyError as e:
+        sys.stderr.write(f"lipverify {args.command}: error: {e}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write(f"lipverify {args.command}: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - report internal errors in one line plus a log
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="lipverify-error-", suffix=".log", delete=False
+        ) as log:
+            traceback.print_exc(file=log)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.stderr.write(
+            f"lipverify {args.command}: internal error: {type(e).__name__}: {first} "
+            f"(traceback in {log.name})\n"
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
