@@ -43,3 +43,9 @@ def compat_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared():
+    """``shared("compat", "x.pt")`` -> Path; skip locally / fail under CI when missing."""
+    return shared_path
