@@ -145,7 +145,8 @@ class SOC(nn.Module):
         if self.training:
             first = self.total_iters % self.update_freq == 0
             self.total_iters += 1
-            fantastic_four(s.detach(), self._vectors(), self.init_iters if first else self.update_iters)
+            iters = self.init_iters if first else self.update_iters
+            fantastic_four(s.detach(), self._vectors(), iters)
         return self.correction * s / fantastic_four(s, self._vectors(), 0)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,5 +182,6 @@ class SOC(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_channels // self.stride**2}, out={self.out_channels}, "
-            f"kernel={self.kernel_size}, stride={self.stride}, T={self.train_terms}/{self.eval_terms}"
+            f"kernel={self.kernel_size}, stride={self.stride}, "
+            f"T={self.train_terms}/{self.eval_terms}"
         )
