@@ -1,0 +1,16 @@
+"""lipverify.audits: are a model's certificates sound?
+
+* :mod:`~lipverify.audits.lipschitz`: guaranteed per-layer upper bounds and attained lower
+  bounds on the Lipschitz constant of the claimed map.
+* :mod:`~lipverify.audits.gnp`: gradient-norm preservation of each GNP layer, within a tolerance.
+* :mod:`~lipverify.audits.attack_audit`: attacks at the certified radii (counterexamples only).
+* :mod:`~lipverify.audits.runner`: :func:`audit`, which combines them into a verdict.
+* :mod:`~lipverify.audits.report`: :class:`AuditReport` (JSON, Markdown, HTML with plots).
+
+Importing this package imports no attack library; attacks load when they run.
+"""
+
+from lipverify.audits.report import AuditReport
+from lipverify.audits.runner import audit
+
+__all__ = ["audit", "AuditReport"]

@@ -1,0 +1,84 @@
+"""``lipverify replay DIR``: re-run every saved violation through the model.
+
+Guarantee: a violation "holds" only if, recomputed now in float32 *and* float64, the saved
+``x_adv`` lies strictly within ``radius * (1 - tolerance)`` of ``x``, inside [0, 1], and the
+model's argmax at ``x_adv`` differs from the certified prediction.
+Exit codes: 0 every saved violation holds, 3 some no longer hold, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from lipverify.errors import InputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="an audit report directory (with report.json)")
+    p.add_argument("--checkpoint", help="model to replay against (default: the audited one)")
+
+
+def replay(model, directory: str | Path, tolerance: float) -> list[dict]:  # noqa: ANN001
+    """Re-check each ``violations/NNNN.pt``; return one row per violation."""
+    import torch
+
+    from lipverify.checkpoints import safe_torch_load
+
+    m32 = model.eval().float()
+    m64 = copy.deepcopy(model).double().eval()
+    rows = []
+    for f in sorted((Path(directory) / "violations").glob("*.pt")):
+        v = safe_torch_load(f)
+        if not isinstance(v, dict) or not {"x", "x_adv", "radius", "pred"} <= set(v):
+            raise InputError(f"{f}: not a lipverify violation record")
+        x, xa = v["x"].float()[None], v["x_adv"].float()[None]
+        with torch.no_grad():
+            p32 = int(m32(xa).argmax(1))
+            p64 = int(m64(xa.double()).argmax(1))
+        dist = float((xa.double() - x.double()).norm())
+        inside = dist < float(v["radius"]) * (1 - tolerance)
+        in_box = bool((xa >= 0).all() and (xa <= 1).all())
+        holds = inside and in_box and p32 != int(v["pred"]) and p64 != int(v["pred"])
+        rows.append({"file": f.name, "index": int(v["index"]), "distance": dist,
+                     "radius": float(v["radius"]), "pred": int(v["pred"]),
+                     "adv_pred_float32": p32, "adv_pred_float64": p64, "holds": holds})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from lipverify.checkpoints import load_model
+
+    d = Path(args.directory)
+    if not (d / "report.json").is_file():
+        raise InputError(f"{d} has no report.json; pass the directory an audit wrote")
+    try:
+        report = json.loads((d / "report.json").read_text())
+        source = report["provenance"]["model_source"]
+        tolerance = float(report["tolerance"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{d / 'report.json'} is corrupt or not a lipverify report") from None
+    if args.checkpoint:
+        model = load_model(args.checkpoint)
+    elif source.get("checkpoint"):
+        model = load_model(source["checkpoint"])
+    elif source.get("default"):
+        from lipverify.default import load_default_model
+
+        model = load_default_model()
+    else:
+        raise InputError("the audited model was built by a factory; pass --checkpoint")
+    rows = replay(model, d, tolerance)
+    if not rows:
+        print("no saved violations to replay")
+        return 0
+    for r in rows:
+        state = "HOLDS" if r["holds"] else "does NOT hold"
+        print(f"{r['file']}: index {r['index']} distance {r['distance']:.6g} < radius "
+              f"{r['radius']:.6g}; pred {r['pred']} -> {r['adv_pred_float32']} (float32), "
+              f"{r['adv_pred_float64']} (float64): {state}")
+    held = sum(r["holds"] for r in rows)
+    print(f"{held}/{len(rows)} violations hold")
+    return 0 if held == len(rows) else 3
