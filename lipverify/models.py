@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lipverify.layers import CONV_LAYERS, LLN, SOC, make_activation
+from lipverify.layers import BCOP, CONV_LAYERS, LLN, SOC, CayleyLinear, make_activation
 
 __all__ = ["LipConvNet", "Normalize", "LipBlock", "ORTHO_LAST_LAYERS"]
 
@@ -23,8 +23,12 @@ def _soc_last(features: int, classes: int) -> nn.Module:
     return SOC(features, classes, kernel_size=1)
 
 
+def _bcop_last(features: int, classes: int) -> nn.Module:
+    return BCOP(features, classes, kernel_size=1)
+
+
 # Orthogonal last layer per conv family; other families register theirs here.
-ORTHO_LAST_LAYERS = {"soc": _soc_last}
+ORTHO_LAST_LAYERS = {"soc": _soc_last, "cayley": CayleyLinear, "bcop": _bcop_last}
 
 
 class Normalize(nn.Module):

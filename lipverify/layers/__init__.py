@@ -10,13 +10,18 @@ from lipverify.layers.activations import (
     MaxMin,
     make_activation,
 )
+from lipverify.layers.bcop import BCOP
+from lipverify.layers.cayley import CayleyConv, CayleyLinear
 from lipverify.layers.last import LLN
 from lipverify.layers.soc import SOC, skew_filter, space_to_depth
 
-CONV_LAYERS = {"soc": SOC}
+CONV_LAYERS = {"soc": SOC, "cayley": CayleyConv, "bcop": BCOP}
 
 __all__ = [
     "SOC",
+    "CayleyConv",
+    "CayleyLinear",
+    "BCOP",
     "LLN",
     "MaxMin",
     "HouseholderOrder1",
