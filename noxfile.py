@@ -1,8 +1,9 @@
 """nox sessions: tests, lint, attack suites, the full audit and benchmarks.
 
-``nox -s tests`` is the README's test command. Sessions that take a checkpoint read it after
-``--`` (e.g. ``nox -s attacks-quick -- path/to/best.pt``); without one they use the built-in
-default model.
+``nox -s tests`` is the README's test command. Sessions that audit take an optional
+checkpoint and extra ``lipverify audit`` options after ``--``, e.g.
+``nox -s attacks-quick -- runs/digits-x/best.pt --dataset digits``; without a checkpoint they
+audit the built-in default model on the digits test split.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
+def _install(session: nox.Session) -> None:
+    session.install("-e", ".[test,attacks]")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit, property and integration tests (CPU, under 10 minutes on 2 cores)."""
-    session.install("-e", ".[test,attacks]")
+    _install(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
                 env={"HYPOTHESIS_PROFILE": "ci"})
 
@@ -27,3 +32,46 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "lipverify", "attacks", "audits", "tests", "benchmarks",
                 "noxfile.py")
+
+
+def _audit(session: nox.Session, *options: str) -> None:
+    _install(session)
+    session.run("lipverify", "audit", *session.posargs, *options,
+                success_codes=[0, 1, 3])  # sound, unsound, inconclusive are all results
+
+
+@nox.session(name="attacks-quick")
+def attacks_quick(session: nox.Session) -> None:
+    """The `quick` attack suite at the certified radii; writes the report."""
+    _audit(session, "--attacks", "quick")
+
+
+@nox.session(name="attacks-standard")
+def attacks_standard(session: nox.Session) -> None:
+    """Full AutoAttack (L2) plus DDN 1000 steps at the certified radii (slow)."""
+    _audit(session, "--attacks", "standard")
+
+
+@nox.session(name="attacks-minimal-norm")
+def attacks_minimal_norm(session: nox.Session) -> None:
+    """DDN, FMN-L2 and FAB-T minimum-norm attacks: tightness of the certificates (slow)."""
+    _audit(session, "--attacks", "minimal-norm")
+
+
+@nox.session
+def audit(session: nox.Session) -> None:
+    """The full audit: Lipschitz bounds, GNP checks, standard AutoAttack, then the
+    minimum-norm suite for tightness (two reports)."""
+    _audit(session, "--attacks", "standard")
+    _audit(session, "--attacks", "minimal-norm")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (2 threads, median of >= 3 runs); JSON results under benchmarks/results."""
+    _install(session)
+    import pathlib
+
+    for script in sorted(pathlib.Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), "--json",
+                    f"benchmarks/results/{script.stem}.json", *session.posargs)
