@@ -1,9 +1,10 @@
 """LipConvNet-5 to 40 (Singla & Feizi 2021; Singla, Singla & Feizi 2022).
 
-Guarantee: the map pixels -> features is ``1/min(std)``-Lipschitz (upper bound, within the SOC
-truncation tolerance of each layer), because every block is a product of (near-)orthogonal
-convolutions and GNP activations, after an input normalization whose Lipschitz constant is
-``1/min(std)``. The model *claims* this bound for the map its certificate uses: logits for an
+Guarantee: the map pixels -> features is ``1/min(std)``-Lipschitz (upper bound, within each
+convolution's tolerance: SOC's Taylor truncation, BCOP's Björck convergence, Cayley's float
+error), because every block is a (near-)orthogonal convolution (``conv="soc"``, ``"cayley"`` or
+``"bcop"``) followed by a GNP activation, after an input normalization whose Lipschitz constant
+is ``1/min(std)``. The model *claims* this bound for the map its certificate uses: logits for an
 orthogonal last layer, features for LLN (see :mod:`lipverify.certificates`).
 """
 
