@@ -1,0 +1,204 @@
+"""``lipverify certify [CKPT] --dataset NAME``: clean and certified accuracy of a checkpoint.
+
+Accepts lipverify checkpoints and reference-code checkpoints (:func:`lipverify.load_model`,
+safe loading only). Certificates use the model's claimed Lipschitz bound and its formula, in
+eval mode and float32 (:mod:`lipverify.certificates`): a sample counts as certified at ``r``
+when it is classified correctly and its radius is strictly greater than ``r``. The numbers are
+exactly those claims; whether the claim holds is the audit's job.
+
+With no CKPT, the built-in default model (``lipverify.default``) is certified on its own test
+split when that module is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from lipverify.atomic import atomic_write_text
+from lipverify.errors import InputError, check_images, check_labels
+
+__all__ = ["add_arguments", "run", "parse_radius", "certify_dataset", "format_table"]
+
+DEFAULT_RADII_TEXT = ("36/255", "72/255", "108/255")
+
+
+def parse_radius(text: str) -> float:
+    """``"36/255"`` or ``"0.14"`` -> float; finite and >= 0, else ``ArgumentTypeError``."""
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)  # a second "/" makes float() fail below
+            value = float(num) / float(den)
+        else:
+            value = float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"radius {text!r} is not a number or fraction") from None
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"radius {text!r} must be finite and >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lipverify.data import DATASETS
+
+    parser.add_argument("checkpoint", nargs="?", metavar="CKPT",
+                        help="lipverify or reference checkpoint (default: the built-in model)")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="default: the dataset recorded in the checkpoint")
+    parser.add_argument("--data-dir", help="dataset folder (see lipverify train --help)")
+    parser.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/lipverify)")
+    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument("--radii", nargs="+", type=parse_radius, metavar="R",
+                        help="l2 radii in pixel units, e.g. 36/255 0.5 "
+                             "(default 36/255 72/255 108/255)")
+    parser.add_argument("--n", type=_positive_int, metavar="N",
+                        help="certify the first N images of the split")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON (atomic)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download CIFAR")
+
+
+def certify_dataset(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, radii: list[float],
+    device: torch.device | str = "cpu", batch_size: int = 256,
+) -> dict:
+    """Certify ``model`` on pixels ``x`` (float in [0, 1]) with labels ``y``.
+
+    Returns ``clean_accuracy``, ``certified_accuracy`` (``"%.6f" % r`` -> fraction),
+    ``samples`` (``index, label, pred, radius`` per image) and the claim used.
+    """
+    from lipverify.certificates import Certificates, certified_accuracy, certify, claim_of
+
+    cfg = getattr(model, "config", {}) or {}
+    check_images(x, channels=cfg.get("in_channels"), size=cfg.get("input_size"))
+    y = check_labels(y, x.shape[0], cfg.get("num_classes"))
+    lip, kind = claim_of(model)
+    model = model.to(device).eval()
+    parts = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            parts.append(certify(model, x[i : i + batch_size].to(device), batch_size=batch_size))
+    cert = Certificates(
+        torch.cat([c.pred.cpu() for c in parts]),
+        torch.cat([c.radius.cpu() for c in parts]),
+        torch.cat([c.logits.cpu() for c in parts]),
+    )
+    acc = certified_accuracy(model, None, y, radii, certificates=cert)
+    acc["samples"] = [
+        {"index": i, "label": int(lbl), "pred": int(p), "radius": float(r)}
+        for i, (lbl, p, r) in enumerate(zip(y.tolist(), cert.pred.tolist(),
+                                            cert.radius.tolist(), strict=True))
+    ]
+    acc["lipschitz"] = lip
+    acc["certificate_kind"] = kind
+    return acc
+
+
+def _radius_label(r: float) -> str:
+    k = r * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{r:g}"
+
+
+def format_table(result: dict, radii: list[float]) -> str:
+    """The plain-text table the CLI prints."""
+    rows = [("clean (r = 0)", result["clean_accuracy"])]
+    for r in radii:
+        rows.append((f"r = {_radius_label(r)} ({r:.6f})", result["certified_accuracy"]["%.6f" % r]))
+    width = max(len(a) for a, _ in rows)
+    lines = [f"{'radius':<{width}}  accuracy", f"{'-' * width}  --------"]
+    lines += [f"{a:<{width}}  {v:8.4f}" for a, v in rows]
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, str, tuple | None]:
+    """(model, description, default data or None)."""
+    if args.checkpoint is not None:
+        from lipverify.checkpoints import load_model
+
+        model = load_model(args.checkpoint)
+        return model, str(args.checkpoint), None
+    try:
+        import lipverify.default as default
+    except ModuleNotFoundError as e:
+        if e.name not in ("lipverify.default",):
+            raise
+        raise InputError(
+            "no checkpoint given and no built-in default model is installed; "
+            "pass CKPT (see 'lipverify certify --help')"
+        ) from None
+    model, data = default.load_default()
+    return model, "built-in default model", data
+
+
+def _json_text(doc: dict) -> str:
+    """Pretty JSON with one line per sample."""
+    head = {k: v for k, v in doc.items() if k != "samples"}
+    text = json.dumps(head, indent=1)[:-2]
+    samples = ",\n  ".join(json.dumps(s) for s in doc["samples"])
+    return f'{text},\n "samples": [\n  {samples}\n ]\n}}\n'
+
+
+def run(args: argparse.Namespace) -> int:
+    from lipverify.data import load_dataset
+
+    radii = list(args.radii) if args.radii else [parse_radius(r) for r in DEFAULT_RADII_TEXT]
+    model, what, default_data = _load(args)
+    meta = getattr(model, "metadata", {}) or {}
+    dataset = args.dataset
+    if dataset is None and default_data is None:
+        dataset = (meta.get("dataset") or {}).get("name") if isinstance(meta, dict) else None
+        if dataset is None:
+            raise InputError("pass --dataset NAME (the checkpoint does not record its dataset)")
+    if dataset is None:
+        x, y = default_data
+        source = "built-in test split"
+    else:
+        x, y, info = load_dataset(dataset, args.split, data_dir=args.data_dir,
+                                  cache_dir=args.cache_dir, download=args.download)
+        source = f"{dataset} {args.split}"
+        classes = (getattr(model, "config", None) or {}).get("num_classes")
+        if classes is not None and info.num_classes > classes:
+            raise InputError(
+                f"{dataset} has {info.num_classes} classes, the model only {classes}"
+            )
+    if args.n is not None:
+        x, y = x[: args.n], y[: args.n]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = certify_dataset(model, x.float(), torch.as_tensor(y), radii, device,
+                             args.batch_size)
+    print(f"checkpoint: {what}")
+    print(f"data: {source}, {x.shape[0]} images; claim L = {result['lipschitz']:.6g} "
+          f"({result['certificate_kind']} certificate)")
+    print(format_table(result, radii))
+    if args.json:
+        doc = {
+            "checkpoint": what,
+            "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
+            "dataset": dataset or "default",
+            "split": args.split,
+            "n": int(x.shape[0]),
+            "radii": radii,
+            **result,
+        }
+        atomic_write_text(Path(args.json), _json_text(doc))
+        print(f"wrote {args.json}")
+    sys.stdout.flush()
+    return 0
