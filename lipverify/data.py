@@ -279,16 +279,36 @@ def _folder_key(data_dir: Path, split: str, files: list[tuple[str, int]]) -> str
     return h.hexdigest()[:24]
 
 
-def _decode(path: str) -> torch.Tensor:
+def _decode_bytes(path: str) -> tuple[int, int, bytes]:
+    """(height, width, RGB bytes) of one image file; picklable for worker processes."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
             w, h = im.size
+            return h, w, im.convert("RGB").tobytes()
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image file
         raise InputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-    return arr.view(h, w, 3).permute(2, 0, 1)
+
+
+def _decode(path: str) -> torch.Tensor:
+    return _to_tensor(_decode_bytes(path))
+
+
+def _to_tensor(decoded: tuple[int, int, bytes]) -> torch.Tensor:
+    h, w, raw = decoded
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+def _decode_all(paths: list[str], workers: int) -> list[torch.Tensor]:
+    if workers <= 1 or len(paths) <= 256:
+        return [_decode(p) for p in paths]
+    import multiprocessing as mp
+
+    # Workers only run PIL; fork avoids re-importing torch in each of them.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+        return [_to_tensor(d) for d in pool.imap(_decode_bytes, paths, chunksize=512)]
 
 
 def _imagefolder(
@@ -305,14 +325,7 @@ def _imagefolder(
     cached = _read_cache(path, len(files))
     if cached is not None and torch.equal(cached[1], labels):
         return cached[0], labels, classes, str(data_dir)
-    paths = [str(data_dir / split / rel) for rel, _ in files]
-    if workers > 1 and len(paths) > 256:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            images = pool.map(_decode, paths, chunksize=256)
-    else:
-        images = [_decode(p) for p in paths]
+    images = _decode_all([str(data_dir / split / rel) for rel, _ in files], workers)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
         raise InputError(

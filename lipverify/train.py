@@ -79,7 +79,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": {},
     "cifar100": {},
     "imagefolder": {},
-    "digits": dict(init_channels=8, epochs=60, batch_size=64),
+    "digits": dict(init_channels=8, epochs=40, batch_size=64),
     "synthetic": dict(init_channels=4, epochs=2, batch_size=32),
 }
 # Keys that do not change the result; everything else must match on --resume.
@@ -464,6 +464,9 @@ def _prepare_out(cfg: TrainConfig, d: _Dist) -> Path:
         if cfg.overwrite and not cfg.resume:
             for f in held:
                 (out / f).unlink()
+        for f in RESULT_FILES:  # temporary files of writes cut short by a kill
+            for tmp in out.glob(f".{f}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     _barrier(d)
     return out
 
@@ -547,6 +550,9 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike) -> Path:
     ax2.plot(ep, [m["test_acc"] for m in metrics], label="test acc")
     for key in CERT_RADII:
         ax2.plot(ep, [m[key] for m in metrics], label=f"certified {key[9:]}/255")
+    if all("val_acc" in m for m in metrics):
+        ax2.plot(ep, [m["val_acc"] for m in metrics], "--", label="val acc")
+        ax2.plot(ep, [m["val_cert_acc_36"] for m in metrics], "--", label="val certified 36/255")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.set_ylim(0, 1)
@@ -598,11 +604,16 @@ def train(config: TrainConfig | dict, argv: list[str] | None = None) -> TrainRes
     given = _as_config(config)
     d, device = _init_distributed(given.device)
     try:
-        return _train(given, d, device, argv, read_checkpoint, save_checkpoint)
+        result = _train(given, d, device, argv, read_checkpoint, save_checkpoint)
+        _barrier(d)  # every rank is past its last collective before the group goes away
+        return result
     finally:
         if d.initialized_here:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()  # free the DDP wrapper (a reference cycle) while the group exists
             dist.destroy_process_group()
 
 
@@ -681,6 +692,8 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
     if d.main and metrics:  # after a resume: the file holds exactly the finished epochs
         _write_metrics(out, metrics)
 
+    from lipverify.data import augment_batch, to_float
+
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     select = "val" if "val" in data.evals else "test"
     for epoch in range(done + 1, cfg.epochs + 1):
@@ -695,16 +708,18 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
             for g in optimizer.param_groups:
                 g["lr"] = lr
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            from lipverify.data import augment_batch, to_float
-
             xb = augment_batch(data.x_train[idx], data.augment, gen)
             yb = data.y_train[idx]
             n_global = xb.shape[0]
             local = torch.tensor_split(torch.arange(n_global), d.world)[d.rank]
+            share = 1.0
+            if local.numel() == 0:  # a last batch smaller than the world: a zero-weight sample
+                local, share = torch.arange(1), 0.0
             xb, yb = to_float(xb[local]).to(device), yb[local].to(device)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
                 logits = model(xb)
             per_sample, _ = training_loss(raw_model, logits, yb, cfg.gamma)
+            per_sample = per_sample * share
             loss = per_sample.sum() * (d.world / n_global)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -716,8 +731,8 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
                 optimizer.step()
             step += 1
             loss_sum += float(per_sample.detach().sum())
-            correct += float((logits.detach().argmax(1) == yb).sum())
-            count += float(yb.shape[0])
+            correct += share * float((logits.detach().argmax(1) == yb).sum())
+            count += share * float(yb.shape[0])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}",
@@ -732,7 +747,7 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
             for split, (xe, ye) in data.evals.items():
                 ev = evaluate(raw_model, xe, ye, device)
                 prefix = "" if split == "test" else "val_"
-                row[f"{prefix}test_acc" if split == "test" else "val_acc"] = ev["acc"]
+                row["test_acc" if split == "test" else "val_acc"] = ev["acc"]
                 for key in CERT_RADII:
                     row[prefix + key] = ev[key]
             row["seconds"] = time.perf_counter() - t0
@@ -763,6 +778,7 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
                 f"files in {out}")
     best = _broadcast(best, d)
     metrics = _broadcast(metrics, d)
+    del model  # the DDP wrapper, if any: it must go before the process group does
     raw_model.eval()
     return TrainResult(out, last_path, best_path, metrics, int(best["epoch"]),
                        float(best["cert_acc_36"]), asdict(cfg), raw_model)
@@ -908,7 +924,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--mean", type=_finite, nargs="+", help="normalization mean (1 or C values)")
     m.add_argument("--std", type=_finite, nargs="+", help="normalization std (1 or C values)")
     o = parser.add_argument_group("optimization (defaults: the ICLR 2022 recipe)")
-    o.add_argument("--epochs", type=_positive_int, help="default 200 (digits 60, synthetic 2)")
+    o.add_argument("--epochs", type=_positive_int, help="default 200 (digits 40, synthetic 2)")
     o.add_argument("--batch-size", type=_positive_int, help="global batch; default 128")
     o.add_argument("--lr", type=_nonneg, help="default 0.1")
     o.add_argument("--momentum", type=_nonneg, help="default 0.9")
