@@ -11,7 +11,7 @@ Per-sample eps: APGD-CE, APGD-T and FAB-T take a per-sample eps exactly (the ada
 the torchattacks single-run methods, as their ``perturb`` does, with an (n, 1, 1, 1) eps).
 torchattacks 3.5.1 APGDT's L2 update uses the first sample's step size for the whole batch
 (``step_size[0]``; the original uses each sample's own): APGD-T therefore runs on groups of
-samples whose eps differ by at most 1.5x, sorted ascending. Square and the original
+samples whose eps differ by at most 2x, sorted ascending. Square and the original
 package take a scalar eps: samples are grouped so that max(eps)/min(eps) <= ``group_ratio``
 and each group is attacked at its *smallest* eps, so no sample is attacked beyond its own
 eps (with ``group_ratio=1`` the eps is exact per sample).
@@ -153,8 +153,8 @@ def standard_autoattack_components(
 
 #: torchattacks 3.5.1 APGDT's L2 update uses ``step_size[0]`` (the first sample's step) for
 #: the whole batch; APGD-T therefore runs on groups whose eps differ by at most this factor,
-#: sorted ascending, so the shared step never exceeds a sample's own initial 2 eps.
-APGDT_STEP_GROUP_RATIO = 1.5
+#: sorted ascending, so the shared initial step lies between a sample's eps and its own 2 eps.
+APGDT_STEP_GROUP_RATIO = 2.0
 
 
 def _run_apgd(atk, model, x, labels, eps, targets) -> tuple[torch.Tensor, torch.Tensor]:
