@@ -917,15 +917,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="processes for decoding image folders (0: in-process)")
     m = parser.add_argument_group("model")
     m.add_argument("--conv", help="convolution family (default soc)")
-    m.add_argument("--activation", choices=("maxmin", "hh1", "hh2"))
-    m.add_argument("--num-layers", type=_positive_int)
-    m.add_argument("--init-channels", type=_positive_int)
-    m.add_argument("--last-layer", choices=("lln", "ortho"))
+    m.add_argument("--activation", choices=("maxmin", "hh1", "hh2"), help="default hh1")
+    m.add_argument("--num-layers", type=_positive_int, help="5, 10, ..., 40 (default 5)")
+    m.add_argument("--init-channels", type=_positive_int,
+                   help="default 32 (digits 8, synthetic 4)")
+    m.add_argument("--last-layer", choices=("lln", "ortho"), help="default lln")
     m.add_argument("--mean", type=_finite, nargs="+", help="normalization mean (1 or C values)")
     m.add_argument("--std", type=_finite, nargs="+", help="normalization std (1 or C values)")
     o = parser.add_argument_group("optimization (defaults: the ICLR 2022 recipe)")
     o.add_argument("--epochs", type=_positive_int, help="default 200 (digits 40, synthetic 2)")
-    o.add_argument("--batch-size", type=_positive_int, help="global batch; default 128")
+    o.add_argument("--batch-size", type=_positive_int,
+                   help="global batch, split across ranks; default 128 (digits 64)")
     o.add_argument("--lr", type=_nonneg, help="default 0.1")
     o.add_argument("--momentum", type=_nonneg, help="default 0.9")
     o.add_argument("--weight-decay", type=_nonneg,
