@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lipverify or reference checkpoint (default: the built-in model)")
     parser.add_argument("--dataset", choices=DATASETS,
                         help="default: the dataset recorded in the checkpoint")
-    parser.add_argument("--data-dir", help="dataset folder (see lipverify train --help)")
+    parser.add_argument("--data-dir", help="dataset folder (see lipverify train --help); "
+                        "default: the one recorded in the checkpoint")
     parser.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/lipverify)")
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--radii", nargs="+", type=parse_radius, metavar="R",
@@ -171,7 +172,11 @@ def run(args: argparse.Namespace) -> int:
         x, y = default_data
         source = "built-in test split"
     else:
-        x, y, info = load_dataset(dataset, args.split, data_dir=args.data_dir,
+        data_dir = args.data_dir
+        trained = meta.get("config") if isinstance(meta, dict) else None
+        if data_dir is None and isinstance(trained, dict) and trained.get("dataset") == dataset:
+            data_dir = trained.get("data_dir")  # where the checkpoint was trained, if recorded
+        x, y, info = load_dataset(dataset, args.split, data_dir=data_dir,
                                   cache_dir=args.cache_dir, download=args.download)
         source = f"{dataset} {args.split}"
         classes = (getattr(model, "config", None) or {}).get("num_classes")

@@ -334,12 +334,12 @@ def test_one_epoch_on_cifar10_jpegs(tmp_path, shared) -> None:
     data = tmp_path / "cifar"
     counts = _extract_cifar_subset(archive, data, train_per_class=30, test_per_class=10)
     assert len(counts) == 20 and sum(counts.values()) == 400
-    res = train({"dataset": "imagefolder", "data_dir": str(data), "init_channels": 16,
+    res = train({"dataset": "imagefolder", "data_dir": str(data), "init_channels": 8,
                  "epochs": 1, "batch_size": 64, "out": str(tmp_path / "run"),
                  "cache_dir": str(tmp_path / "cache")})
     row = res.metrics[0]
     assert METRIC_KEYS <= row.keys() and math.isfinite(row["train_loss"])
-    assert res.model.config["init_channels"] == 16 and res.model.config["num_classes"] == 10
+    assert res.model.config["init_channels"] == 8 and res.model.config["num_classes"] == 10
     meta = load_checkpoint(res.last_path).metadata
     assert meta["dataset"]["classes"][0] == "airplane" and meta["dataset"]["augment"] == (
         "crop-flip")
@@ -351,3 +351,14 @@ def test_one_epoch_on_cifar10_jpegs(tmp_path, shared) -> None:
     x2, y2, _ = load_raw("imagefolder", "train", data_dir=data, cache_dir=tmp_path / "c2",
                          workers=2)
     assert x1.shape == (300, 3, 32, 32) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    # certify finds the dataset and its folder in the checkpoint's metadata.
+    from lipverify.cli import main
+
+    out = tmp_path / "cert.json"
+    assert main(["certify", str(res.best_path), "--cache-dir", str(tmp_path / "cache"),
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "imagefolder" and doc["n"] == 100
+    assert doc["clean_accuracy"] == pytest.approx(res.metrics[0]["test_acc"])
+    assert doc["certified_accuracy"]["%.6f" % (36 / 255)] == pytest.approx(
+        res.metrics[0]["cert_acc_36"])
