@@ -10,17 +10,42 @@ matches the filter, the singular values are within 1e-6 of 1 (tested against an 
 Stride 2 is a space-to-depth rearrangement (same channel order as ``F.pixel_unshuffle``), an
 isometry. Channel zero-padding is an isometry and channel truncation is a projection, so both
 keep the layer 1-Lipschitz.
+
+Speed (same function; see :mod:`lipverify.layers.soc_fast` and
+:mod:`lipverify.layers.soc_materialize`): the forward sums the series with ``A/i`` folded into
+the filter and without computing padded input channels or truncated output channels; the
+backward does not store the Taylor terms (exact gradients; ``fast_train=True`` swaps in the
+approximate filter gradient of Singla & Feizi 2022). In eval mode ``A`` is cached until the
+weights, the vectors, ``correction``, ``eval_terms`` or the mode change. :func:`materialize` /
+:func:`fast_eval` replace small layers by their dense matrix ``P`` (built from the same
+series, never ``matrix_exp``) when asked to, for audits and whole-test-set certification.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SOC", "space_to_depth", "skew_filter", "fantastic_four", "conv_transpose_filter"]
+from lipverify.layers.soc_fast import Geometry, SeriesOperator
+from lipverify.layers.soc_fast import series as _fast_series
+
+__all__ = [
+    "SOC",
+    "space_to_depth",
+    "skew_filter",
+    "fantastic_four",
+    "conv_transpose_filter",
+    "materialize",
+    "fast_eval",
+    "release",
+    "set_fast_train",
+]
 
 
 def space_to_depth(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -66,8 +91,18 @@ def fantastic_four(
                 u, v = vectors[f"u{i}"], vectors[f"v{i}"]
                 v.copy_(_l2_normalize((s * u).sum(_V_DIMS[i], keepdim=True)))
                 u.copy_(_l2_normalize((s * v).sum(_U_DIMS[i], keepdim=True)))
-    sig = [(s * vectors[f"u{i}"] * vectors[f"v{i}"]).sum() for i in range(1, 5)]
+    # <s, u v> summed as <sum_{V dims}(s u), v>: equal up to rounding, and autograd keeps
+    # only s (no filter-sized product) for the backward pass
+    sig = [
+        ((s * vectors[f"u{i}"]).sum(_V_DIMS[i], keepdim=True) * vectors[f"v{i}"]).sum()
+        for i in range(1, 5)
+    ]
     return torch.min(torch.min(torch.min(sig[0], sig[1]), sig[2]), sig[3])
+
+
+def _functorch_active() -> bool:
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
 
 
 class SOC(nn.Module):
@@ -90,6 +125,7 @@ class SOC(nn.Module):
         update_iters: int = 1,
         update_freq: int = 200,
         correction: float | None = None,
+        fast_train: bool = False,
     ) -> None:
         super().__init__()
         if stride not in (1, 2) or kernel_size not in (1, 3):
@@ -117,6 +153,11 @@ class SOC(nn.Module):
             self.register_parameter("bias", None)
         # Unlike the reference, the vectors match the filter from the start.
         self.refresh_sigma(init_iters)
+        #: train mode: approximate filter gradient of Singla & Feizi 2022 (see soc_fast)
+        self.fast_train = fast_train
+        self._eval_cache: dict[str, Any] | None = None  # never part of state_dict
+        self._dense: Any = None  # a soc_materialize.DenseOperator, never part of state_dict
+        self._frozen = False  # set by fast_eval: weights are constants (no weight gradients)
 
     def _vectors(self) -> dict[str, torch.Tensor]:
         return {f"{c}{i}": getattr(self, f"{c}{i}") for i in range(1, 5) for c in "uv"}
@@ -147,7 +188,7 @@ class SOC(nn.Module):
             self.total_iters += 1
             iters = self.init_iters if first else self.update_iters
             fantastic_four(s.detach(), self._vectors(), iters)
-        return self.correction * s / fantastic_four(s, self._vectors(), 0)
+        return s * (self.correction / fantastic_four(s, self._vectors(), 0))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Space-to-depth, then zero-pad channels up to ``max_channels``."""
@@ -175,7 +216,103 @@ class SOC(nn.Module):
             z = z + cur
         return z
 
+    # -- fast paths (same function) ------------------------------------------------------
+    def weights_key(self) -> tuple | None:
+        """Identity and version of everything ``A`` depends on (None: not trackable, e.g.
+        inference tensors). Any in-place change, ``load_state_dict`` or re-assignment of the
+        filter, the vectors or ``correction`` changes it."""
+        try:
+            parts = [self.random_conv_filter, self.correction]
+            parts += [getattr(self, f"{c}{i}") for i in range(1, 5) for c in "uv"]
+            return tuple(
+                (id(t), t._version, t.data_ptr(), t.dtype, str(t.device)) for t in parts
+            ) + (self.eval_terms, self.training)
+        except RuntimeError:
+            return None
+
+    def _geometry(self, xs: torch.Tensor) -> Geometry:
+        return Geometry(
+            self.in_channels, self.out_channels, self.max_channels, self.kernel_size,
+            xs.shape[-2], xs.shape[-1],
+        )
+
+    def eval_operator(self, xs: torch.Tensor) -> SeriesOperator:
+        """The cached (eval mode) operator ``A`` for inputs shaped like ``xs`` (after
+        space-to-depth). Rebuilt when :meth:`weights_key` changes."""
+        key = self.weights_key()
+        cache = self._eval_cache
+        if cache is None or key is None or cache["key"] != key:
+            with torch.no_grad(), torch.inference_mode(False):
+                s = skew_filter(self.random_conv_filter)  # the eval-mode (pure) formula
+                a = s * (self.correction / fantastic_four(s, self._vectors(), 0))
+            cache = {"key": key, "a": a, "ops": {}}
+            self._eval_cache = cache if key is not None else None
+        geo = self._geometry(xs)
+        op = cache["ops"].get(geo)
+        if op is None:
+            with torch.no_grad(), torch.inference_mode(False):
+                op = SeriesOperator.from_filter(cache["a"], geo)
+            if key is not None:
+                cache["ops"] = {geo: op}  # one input size at a time
+        return op
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval operator (the dense operator stays; see :func:`release`)."""
+        self._eval_cache = None
+
+    def train(self, mode: bool = True) -> SOC:
+        if mode != self.training:
+            self._eval_cache = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_eval_cache"] = None
+        state["_dense"] = None
+        return state
+
+    def _s2d(self, x: torch.Tensor) -> torch.Tensor:
+        xs = space_to_depth(x, self.stride)
+        if xs.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SOC expects {self.in_channels // self.stride**2} input channels, "
+                f"got {xs.shape[1] // self.stride**2}"
+            )
+        return xs
+
+    def _add_bias(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.bias is None else z + self.bias.view(1, -1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _functorch_active():  # torch.func transforms: the plain differentiable series
+            return self.reference_forward(x)
+        if self.training:
+            a = self.normalized_filter()  # advances power iteration, as the reference does
+            xs = self._s2d(x)
+            mode = "horner" if self.fast_train else "exact"
+            z = _fast_series(xs, self.train_terms, mode, a=a, geo=self._geometry(xs))
+            return self._add_bias(z)
+        dense = self._dense
+        if dense is not None:
+            if dense.valid_for(self):
+                if dense.accepts(x):
+                    return dense(x, self.bias)
+            else:
+                self._dense = None  # the weights changed: never use a stale operator
+        xs = self._s2d(x)
+        weights_need_grad = (
+            torch.is_grad_enabled() and not self._frozen
+            and self.random_conv_filter.requires_grad
+        )
+        if weights_need_grad:  # A stays differentiable (pure in eval mode)
+            a = self.normalized_filter()
+            return self._add_bias(
+                _fast_series(xs, self.eval_terms, a=a, geo=self._geometry(xs))
+            )
+        return self._add_bias(_fast_series(xs, self.eval_terms, op=self.eval_operator(xs)))
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain implementation (one conv per power, plain autograd): the oracle."""
         a = self.normalized_filter()
         return self.finish_output(self.series(self.prepare_input(x), a, self.terms))
 
@@ -184,4 +321,41 @@ class SOC(nn.Module):
             f"in={self.in_channels // self.stride**2}, out={self.out_channels}, "
             f"kernel={self.kernel_size}, stride={self.stride}, "
             f"T={self.train_terms}/{self.eval_terms}"
+            + (", fast_train" if self.fast_train else "")
         )
+
+
+def set_fast_train(model: nn.Module, enabled: bool = True) -> int:
+    """Set ``fast_train`` on every SOC in ``model``; returns how many layers were set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, SOC):
+            m.fast_train = enabled
+            count += 1
+    return count
+
+
+def materialize(model: nn.Module, input_size: Any = None, cache_dir: Any = None, **kw: Any):
+    """Build dense operators for the small SOC layers of ``model`` (see
+    :func:`lipverify.layers.soc_materialize.materialize`)."""
+    from lipverify.layers.soc_materialize import materialize as _materialize
+
+    return _materialize(model, input_size, cache_dir, **kw)
+
+
+def release(model: nn.Module) -> None:
+    """Drop every dense operator and eval cache held by the SOC layers of ``model``."""
+    from lipverify.layers.soc_materialize import release as _release
+
+    _release(model)
+
+
+@contextmanager
+def fast_eval(model: nn.Module, input_size: Any = None, cache_dir: Any = None,
+              **kw: Any) -> Iterator[Any]:
+    """Eval mode with constant weights and materialised small layers, restored on exit (see
+    :func:`lipverify.layers.soc_materialize.fast_eval`)."""
+    from lipverify.layers.soc_materialize import fast_eval as _fast_eval
+
+    with _fast_eval(model, input_size, cache_dir, **kw) as report:
+        yield report
