@@ -265,22 +265,25 @@ def _add_input(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _power_sum(op: SeriesOperator, x: torch.Tensor, terms: int) -> torch.Tensor:
-    """``sum_{i<=T} (A^i / i!) pad(x)``, truncated; term order as ``SOC.series``."""
+def _power_sum(
+    op: SeriesOperator, x: torch.Tensor, terms: int, identity: bool = True
+) -> torch.Tensor:
+    """``sum_{i<=T} (A^i / i!) pad(x)``, truncated; term order as ``SOC.series``. Without
+    ``identity`` the ``i = 0`` term is left out (dense operators keep it exact, apart)."""
     geo = op.geo
     if terms == 0:
         z = x.new_zeros(x.shape[0], geo.cout, geo.h, geo.w)
-        return _add_input(z, x)
+        return _add_input(z, x) if identity else z
     cur, z = x, None
     for i in range(1, terms + 1):
         nxt = op.fwd(cur, 1.0 / i, geo.cout if i == terms else geo.m)
         if z is None:
             # z aliases c_1's buffer; it is only written once c_1 has been consumed
             z = nxt[:, : geo.cout]
-            if terms == 1:
+            if terms == 1 and identity:
                 _add_input(z, x)
         else:
-            if i == 2:
+            if i == 2 and identity:
                 _add_input(z, x)  # (x + c_1) + c_2 + ...: the order of SOC.series
             z += nxt[:, : geo.cout]
         cur = nxt
@@ -303,10 +306,12 @@ def _horner(op: SeriesOperator, x: torch.Tensor, terms: int) -> tuple[torch.Tens
     return y, y1
 
 
-def series_no_grad(op: SeriesOperator, x: torch.Tensor, terms: int) -> torch.Tensor:
+def series_no_grad(
+    op: SeriesOperator, x: torch.Tensor, terms: int, identity: bool = True
+) -> torch.Tensor:
     """The series without autograd (eval, certification, building dense operators)."""
     with torch.no_grad():
-        return _power_sum(op, x, terms)
+        return _power_sum(op, x, terms, identity)
 
 
 # ------------------------------------------------------------------------------------------
