@@ -197,6 +197,12 @@ class SeriesOperator:
     def __post_init__(self) -> None:
         self.kind = self.geo.kind
 
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last for CPU float32 convolutions (oneDNN runs them 10-35% faster)."""
+        if self.kind == "conv" and x.device.type == "cpu" and x.dtype == torch.float32:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _matrix(self, adjoint: bool, rows: int, cols: int) -> torch.Tensor:
         """Block ``[:rows, :cols]`` of ``A`` (or ``A^T``) as a ``linear`` weight, in a layout
         oneDNN reads fast (cached while ``A`` is a constant)."""
@@ -274,6 +280,7 @@ def _power_sum(
     if terms == 0:
         z = x.new_zeros(x.shape[0], geo.cout, geo.h, geo.w)
         return _add_input(z, x) if identity else z
+    x = op.layout(x)
     cur, z = x, None
     for i in range(1, terms + 1):
         nxt = op.fwd(cur, 1.0 / i, geo.cout if i == terms else geo.m)
@@ -287,12 +294,13 @@ def _power_sum(
                 _add_input(z, x)  # (x + c_1) + c_2 + ...: the order of SOC.series
             z += nxt[:, : geo.cout]
         cur = nxt
-    return z
+    return z.contiguous()
 
 
 def _horner(op: SeriesOperator, x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Horner: ``y_T = pad(x)``, ``y_k = pad(x) + A y_{k+1} / (k+1)``; returns (y_0, y_1)."""
     geo = op.geo
+    x = op.layout(x)
     y = x
     y1 = x
     for kk in range(terms - 1, -1, -1):
@@ -303,7 +311,7 @@ def _horner(op: SeriesOperator, x: torch.Tensor, terms: int) -> tuple[torch.Tens
         y = t
     if terms == 0:
         y = _add_input(x.new_zeros(x.shape[0], geo.cout, geo.h, geo.w), x)
-    return y, y1
+    return y.contiguous(), y1
 
 
 def series_no_grad(
@@ -373,13 +381,14 @@ def _exact_backward(
     ``gbar_{i-1} = g + A^T gbar_i / i``; filter gradient ``sum_i wgrad(c_{i-1}, gbar_i) / i``
     with the ``c_i`` recomputed from the saved input."""
     geo = op.geo
+    g = op.layout(g)
     cs: list[torch.Tensor] = []
     gk = None
     if need_w:
         assert x is not None
         gk = torch.zeros_like(op.tensor)
-        cur = x
-        cs.append(x)
+        cur = op.layout(x)
+        cs.append(cur)
         for i in range(1, terms):
             cur = op.fwd(cur, 1.0 / i, geo.m)
             cs.append(cur)
@@ -394,7 +403,7 @@ def _exact_backward(
             gb = None
     if terms == 0 and need_x:
         gb = _add_input(g.new_zeros(g.shape[0], geo.cin, geo.h, geo.w), g)
-    return (gb if need_x else None), gk
+    return (gb.contiguous() if need_x else None), gk
 
 
 def _horner_backward(
@@ -404,6 +413,7 @@ def _horner_backward(
     """Adjoint Horner ``h_T = g``, ``h_k = g + A^T h_{k+1}/(k+1)`` (exact input gradient
     ``h_0``); APPROXIMATE filter gradient ``wgrad(y_1, h_1)`` (Singla & Feizi 2022)."""
     geo = op.geo
+    g = op.layout(g)
     h = g
     for kk in range(terms - 1, 0, -1):
         h = _add_input(op.adj(h, 1.0 / (kk + 1), geo.m), g)
@@ -417,7 +427,7 @@ def _horner_backward(
         if terms == 0:
             gx = _add_input(g.new_zeros(g.shape[0], geo.cin, geo.h, geo.w), g)
         else:
-            gx = _add_input(op.adj(h, 1.0, geo.cin), g)
+            gx = _add_input(op.adj(h, 1.0, geo.cin), g).contiguous()
     return gx, gk
 
 
