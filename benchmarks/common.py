@@ -1,0 +1,142 @@
+"""Shared helpers for the benchmarks: threads, interleaved median timing, peak memory, JSON.
+
+Timings are wall-clock (``time.perf_counter``) medians of at least 3 runs after warm-up.
+Peak memory is the process's resident set size sampled every few milliseconds during a call
+(``/proc/self/statm``), minus its size just before the call: what the call itself needed on
+top of what was already allocated. ``tracemalloc`` does not see torch's allocations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "setup_threads",
+    "rss_bytes",
+    "PeakRSS",
+    "measure",
+    "interleaved",
+    "machine_info",
+    "write_json",
+]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def setup_threads(n: int) -> None:
+    """Intra-op threads for torch (oneDNN and MKL follow)."""
+    torch.set_num_threads(n)
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux ``/proc``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class PeakRSS:
+    """Context manager: ``peak`` = max RSS sampled during the block minus RSS at entry."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._max = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, rss_bytes())
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self._max = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, rss_bytes())
+        self.peak = self._max - self.start
+
+
+def measure(fn: Callable[[], Any]) -> tuple[float, int]:
+    """(seconds, peak extra RSS bytes) of one call."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.peak
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int = 3, warmup: int = 1,
+                items: int = 1) -> dict[str, dict[str, Any]]:
+    """Time several variants alternately (run r of each before run r+1 of any), so a busy
+    machine slows them alike. Returns per variant: median seconds, items/s, all runs, peak
+    extra RSS (MiB, max over runs)."""
+    if runs < 3:
+        raise ValueError("take the median of at least 3 runs")
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    for r in range(warmup + runs):
+        for name, fn in fns.items():
+            seconds, peak = measure(fn)
+            if r >= warmup:
+                times[name].append(seconds)
+                peaks[name] = max(peaks[name], peak)
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {
+            "median_s": med, "runs_s": ts, "items_per_s": items / med,
+            "peak_rss_mib": peaks[name] / 2**20,
+        }
+    return out
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "python": platform.python_version(), "load_average_at_start": load,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": list(sys.argv),
+    }
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Sequence):
+        return list(obj)
+    return str(obj)
