@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleaved, machine_info, setup_threads, write_json  # noqa: E402
 
-from lipverify.layers.soc import SOC, fantastic_four, fast_eval, set_fast_train  # noqa: E402
+from lipverify.layers.soc import SOC, fast_eval, set_fast_train  # noqa: E402
 from lipverify.layers.soc_fast import Geometry, saved_tensor_bytes  # noqa: E402
 from lipverify.layers.soc_materialize import LayerPlan, materialize  # noqa: E402
 from lipverify.models import LipConvNet  # noqa: E402
@@ -59,6 +59,22 @@ AUDIT_HOOK: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None] | None
 # the plain baseline
 
 
+_V_DIMS = {1: (1, 3), 2: (1, 2), 3: (1, 2, 3), 4: (0, 2, 3)}
+_U_DIMS = {1: (0, 2), 2: (0, 3), 3: (0,), 4: (1,)}
+
+
+@torch.no_grad()
+def plain_power_iteration(s: torch.Tensor, vec: dict[str, torch.Tensor], iters: int) -> None:
+    """The reference's power iteration: products with the filter, then sums."""
+    for _ in range(iters):
+        for i in range(1, 5):
+            u, v = vec[f"u{i}"], vec[f"v{i}"]
+            t = (s * u).sum(_V_DIMS[i], keepdim=True)
+            v.copy_(t / (t.norm() + 1e-12))
+            t = (s * v).sum(_U_DIMS[i], keepdim=True)
+            u.copy_(t / (t.norm() + 1e-12))
+
+
 def plain_soc_forward(self: SOC, x: torch.Tensor) -> torch.Tensor:
     """Straightforward SOC: normalise the filter (power iteration in train mode, as the
     reference), space-to-depth, zero-pad channels, ``z += conv(cur, A) / i`` for each power,
@@ -69,7 +85,7 @@ def plain_soc_forward(self: SOC, x: torch.Tensor) -> torch.Tensor:
     if self.training:
         first = self.total_iters % self.update_freq == 0
         self.total_iters += 1
-        fantastic_four(s.detach(), vec, self.init_iters if first else self.update_iters)
+        plain_power_iteration(s.detach(), vec, self.init_iters if first else self.update_iters)
     sigma = torch.stack([(s * vec[f"u{i}"] * vec[f"v{i}"]).sum() for i in range(1, 5)]).min()
     a = self.correction * s / sigma
     if self.stride > 1:

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lipverify.layers.soc import SOC, fast_eval, materialize, release, set_fast_train
+from lipverify.layers.soc import (
+    SOC,
+    fantastic_four,
+    fast_eval,
+    materialize,
+    release,
+    set_fast_train,
+    skew_filter,
+)
 from lipverify.layers.soc_fast import (
     Geometry,
     conv_matrix,
@@ -50,6 +58,35 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------
 # kernels
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("c", [2, 6])
+def test_power_iteration_matches_the_reference_formulas(c: int, k: int) -> None:
+    """Matrix-vector power iteration and sigma == the reference's products and sums."""
+    torch.manual_seed(c + k)
+    w = torch.randn(c, c, k, k, dtype=torch.float64, requires_grad=True)
+    s = skew_filter(w)
+    layer = SOC(c, c, kernel_size=k, init_iters=0).double()
+    vec = {n: t.clone() for n, t in layer._vectors().items()}
+    ref = {n: t.clone() for n, t in vec.items()}
+    dims_v = {1: (1, 3), 2: (1, 2), 3: (1, 2, 3), 4: (0, 2, 3)}
+    dims_u = {1: (0, 2), 2: (0, 3), 3: (0,), 4: (1,)}
+    with torch.no_grad():
+        for _ in range(3):
+            for i in range(1, 5):
+                v = (s * ref[f"u{i}"]).sum(dims_v[i], keepdim=True)
+                ref[f"v{i}"] = v / (v.norm() + 1e-12)
+                u = (s * ref[f"v{i}"]).sum(dims_u[i], keepdim=True)
+                ref[f"u{i}"] = u / (u.norm() + 1e-12)
+    sigma = fantastic_four(s, vec, 3)
+    for n in vec:
+        assert vec[n].shape == ref[n].shape and torch.allclose(vec[n], ref[n], atol=1e-12)
+    want = torch.stack([(s * ref[f"u{i}"] * ref[f"v{i}"]).sum() for i in range(1, 5)]).min()
+    assert torch.allclose(sigma, want, atol=1e-12)
+    g = torch.autograd.grad(sigma, w, retain_graph=True)[0]
+    gr = torch.autograd.grad(want, w)[0]
+    assert torch.allclose(g, gr, atol=1e-12)
 
 
 @given(

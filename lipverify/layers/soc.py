@@ -77,27 +77,62 @@ _V_DIMS = {1: (1, 3), 2: (1, 2), 3: (1, 2, 3), 4: (0, 2, 3)}
 _U_DIMS = {1: (0, 2), 2: (0, 3), 3: (0,), 4: (1,)}
 
 
+def _unfoldings(s: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Matrices ``M_i`` with ``<s, u_i v_i> = v_i^T M_i u_i`` (rows: v's dims, columns: u's):
+    power-iteration steps become matrix-vector products (one read of ``s`` each, instead of a
+    filter-sized product and a reduction)."""
+    mats = {}
+    for i in range(1, 5):
+        vd = tuple(d for d in range(4) if d not in _V_DIMS[i])
+        ud = tuple(d for d in range(4) if d not in _U_DIMS[i])
+        rows = math.prod(s.shape[d] for d in vd)
+        mats[i] = s.permute(*vd, *ud).reshape(rows, -1)
+    return mats
+
+
+class _Sigma(torch.autograd.Function):
+    """``<s, u v>`` whose value was computed already; gradient ``g u v`` with respect to s."""
+
+    @staticmethod
+    def forward(s: torch.Tensor, value: torch.Tensor, u: torch.Tensor, v: torch.Tensor):  # noqa: ANN205
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        _, _, u, v = inputs
+        ctx.save_for_backward(u.clone(), v.clone())  # the buffers move on in place
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        u, v = ctx.saved_tensors
+        return g * u * v, None, None, None
+
+
 def fantastic_four(
     s: torch.Tensor, vectors: dict[str, torch.Tensor], iters: int
 ) -> torch.Tensor:
     """Run ``iters`` power-iteration steps in place on the four reshapings of ``s``.
 
     Returns ``sigma = min_i <s, u_i v_i>``: an *estimate*, a bilinear form with the stored
-    vectors, which is neither an upper nor a lower bound on the operator norm.
+    vectors, which is neither an upper nor a lower bound on the operator norm. Differentiable
+    with respect to ``s`` (the gradient of the minimal form).
     """
     with torch.no_grad():
+        mats = _unfoldings(s.detach())
         for _ in range(iters):
             for i in range(1, 5):
                 u, v = vectors[f"u{i}"], vectors[f"v{i}"]
-                v.copy_(_l2_normalize((s * u).sum(_V_DIMS[i], keepdim=True)))
-                u.copy_(_l2_normalize((s * v).sum(_U_DIMS[i], keepdim=True)))
-    # <s, u v> summed as <sum_{V dims}(s u), v>: equal up to rounding, and autograd keeps
-    # only s (no filter-sized product) for the backward pass
-    sig = [
-        ((s * vectors[f"u{i}"]).sum(_V_DIMS[i], keepdim=True) * vectors[f"v{i}"]).sum()
-        for i in range(1, 5)
-    ]
-    return torch.min(torch.min(torch.min(sig[0], sig[1]), sig[2]), sig[3])
+                v.copy_(_l2_normalize(torch.mv(mats[i], u.reshape(-1))).view_as(v))
+                u.copy_(_l2_normalize(torch.mv(mats[i].t(), v.reshape(-1))).view_as(u))
+        values = torch.stack([
+            torch.dot(vectors[f"v{i}"].reshape(-1), torch.mv(mats[i], vectors[f"u{i}"].reshape(-1)))
+            for i in range(1, 5)
+        ])
+        j = int(torch.argmin(values)) + 1 if not torch.isnan(values).any() else 1
+        value = values.min() if not torch.isnan(values).any() else values.sum()
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _Sigma.apply(s, value, vectors[f"u{j}"], vectors[f"v{j}"])
+    return value
 
 
 def _functorch_active() -> bool:
@@ -183,12 +218,12 @@ class SOC(nn.Module):
         ``init_iters`` every ``update_freq`` calls, ``update_iters`` otherwise.
         """
         s = skew_filter(self.random_conv_filter)
+        iters = 0
         if self.training:
             first = self.total_iters % self.update_freq == 0
             self.total_iters += 1
             iters = self.init_iters if first else self.update_iters
-            fantastic_four(s.detach(), self._vectors(), iters)
-        return s * (self.correction / fantastic_four(s, self._vectors(), 0))
+        return s * (self.correction / fantastic_four(s, self._vectors(), iters))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Space-to-depth, then zero-pad channels up to ``max_channels``."""
