@@ -703,6 +703,7 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
         model.train()
         loss_sum, correct, count = 0.0, 0.0, 0.0
         bar = _progress_bar(steps_per_epoch, epoch, cfg.epochs, progress and d.main)
+        last_note = t0
         for b in range(steps_per_epoch):
             lr = lr_at(step, cfg.lr, total_steps, cfg.lr_milestones, cfg.lr_factor)
             for g in optimizer.param_groups:
@@ -737,6 +738,10 @@ def _train(given, d, device, argv, read_checkpoint, save_checkpoint) -> TrainRes
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}",
                                 acc=f"{correct / max(count, 1):.3f}", lr=f"{lr:.3g}")
+            elif d.main and time.perf_counter() - last_note > 60:  # no terminal: a line a minute
+                last_note = time.perf_counter()
+                _log(d, f"epoch {epoch}/{cfg.epochs}  step {b + 1}/{steps_per_epoch}  "
+                        f"loss {loss_sum / max(count, 1):.4f}  {last_note - t0:.0f}s")
         if bar is not None:
             bar.close()
         loss_sum, correct, count = _all_sum([loss_sum, correct, count], d, device)
