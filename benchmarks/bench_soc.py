@@ -192,6 +192,7 @@ def _horner_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         socs = [c for c in m.modules() if isinstance(c, SOC)]
         loss = F.cross_entropy(m(x), y)
         grads.append(torch.autograd.grad(loss, [c.random_conv_filter for c in socs]))
+    grads = [[g.double() for g in gs] for gs in grads]
     cos = [F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
            for a, b in zip(grads[0], grads[1], strict=True)]
     relerr = [((b - a).norm() / a.norm()).item() for a, b in zip(grads[0], grads[1], strict=True)]

@@ -265,6 +265,7 @@ class LayerPlan:
     series_macs: int
     dense_macs: int
     build_macs: int
+    selected: bool = False
     materialized: bool = False
     reason: str = ""
     seconds: float = 0.0
@@ -272,7 +273,8 @@ class LayerPlan:
 
     @property
     def fast_macs(self) -> int:
-        return self.dense_macs if self.materialized else self.series_macs
+        """Per image after :func:`materialize` (planned, for a dry run)."""
+        return self.dense_macs if self.selected else self.series_macs
 
     @property
     def plain_macs(self) -> int:
@@ -420,18 +422,20 @@ def materialize(
     *,
     images: float = 10_000,
     max_entries: int = 1 << 27,
-    min_gain: float = 2.0,
+    min_gain: float = 1.5,
     use_disk: bool = True,
     layers: Sequence[str] | None = None,
     min_batch: int | None = None,
+    dry_run: bool = False,
 ) -> MaterializeReport:
     """Materialise the dense operator of every SOC layer of ``model`` that repays its build.
 
     ``images``: how many images (forward or forward+backward passes) the caller will run, e.g.
     10_000 to certify a CIFAR-10 test set, ~1e5 for an attack audit; ``layers``: names to
     consider (default all). Operators are read from / written to ``cache_dir`` (default
-    :func:`default_cache_dir`) unless ``use_disk=False``. Returns the report with the time
-    spent (build and load seconds) and the MAC/image before and after.
+    :func:`default_cache_dir`) unless ``use_disk=False``; ``dry_run`` only plans (reason
+    ``"would materialise"``). Returns the report with the time spent (build and load seconds)
+    and the MAC/image before and after.
     """
     t0 = time.perf_counter()
     shape = _input_shape(model, input_size)
@@ -452,7 +456,11 @@ def materialize(
         elif plan.repays_after > images:
             plan.reason = f"repays after {plan.repays_after:.0f} images > {images:.0f}"
         else:
-            _attach(layer, plan, cache if use_disk else None, min_batch)
+            plan.selected = True
+            if dry_run:
+                plan.reason = "would materialise"
+            else:
+                _attach(layer, plan, cache if use_disk else None, min_batch)
     report = MaterializeReport(plans, time.perf_counter() - t0, images)
     log.info("SOC materialize:\n%s", report)
     return report
