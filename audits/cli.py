@@ -41,6 +41,16 @@ def _float(text: str) -> float:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="lipverify or reference-format checkpoint; "
                    "omit to audit the built-in default model")
@@ -59,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checks", default="lipschitz,gnp,attacks",
                    help="comma-separated subset of lipschitz,gnp,attacks")
     p.add_argument("--out", help="report directory (default: a new audits/<name>-<timestamp>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--tolerance", type=_float, default=1e-3)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted audit in --out")
@@ -100,6 +110,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[Any, str, dict, str | None]
 def output_dir(args: argparse.Namespace, name: str) -> Path:
     if args.out:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
         has_results = out.exists() and any(out.iterdir())
         if has_results and not (args.resume or args.overwrite):
             raise InputError(f"{out} already holds results; pass --overwrite to replace them "
@@ -125,11 +137,9 @@ def output_dir(args: argparse.Namespace, name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lipverify.audits.runner import CHECKS, audit
     from lipverify.data import load_dataset
-    from lipverify.errors import check_images
+    from lipverify.errors import check_device, check_images
 
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
     if not checks or set(checks) - set(CHECKS):
@@ -146,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     classes = cfg.get("num_classes")
     if classes is not None and info.num_classes > classes:
         raise InputError(f"the dataset has {info.num_classes} classes, the model {classes}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     model = model.to(device)
     x, y = x.to(device), y.to(device)
     out = output_dir(args, name)

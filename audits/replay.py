@@ -32,18 +32,31 @@ def replay(model, directory: str | Path, tolerance: float) -> list[dict]:  # noq
     rows = []
     for f in sorted((Path(directory) / "violations").glob("*.pt")):
         v = safe_torch_load(f)
-        if not isinstance(v, dict) or not {"x", "x_adv", "radius", "pred"} <= set(v):
-            raise InputError(f"{f}: not a lipverify violation record")
-        x, xa = v["x"].float()[None], v["x_adv"].float()[None]
+        try:
+            if not isinstance(v, dict) or not {"x", "x_adv", "radius", "pred", "index"} <= set(v):
+                raise TypeError("missing entries")
+            x, xa = v["x"].float()[None], v["x_adv"].float()[None]
+            if x.shape != xa.shape or xa.dim() != 4 or not xa.is_floating_point():
+                raise ValueError("x and x_adv must be images of one shape")
+            radius, pred, index = float(v["radius"]), int(v["pred"]), int(v["index"])
+        except (TypeError, ValueError, AttributeError, RuntimeError, IndexError):
+            raise InputError(f"{f}: not a lipverify violation record") from None
+        cfg = getattr(model, "config", None)
+        cfg = cfg if isinstance(cfg, dict) else {}
+        want = (cfg.get("in_channels", xa.shape[1]), cfg.get("input_size", xa.shape[2]),
+                cfg.get("input_size", xa.shape[3]))
+        if tuple(xa.shape[1:]) != want:
+            raise InputError(f"{f}: images of shape {tuple(xa.shape[1:])}, but the model takes "
+                             f"{want}; replay against the audited model")
         with torch.no_grad():
             p32 = int(m32(xa).argmax(1))
             p64 = int(m64(xa.double()).argmax(1))
         dist = float((xa.double() - x.double()).norm())
-        inside = dist < float(v["radius"]) * (1 - tolerance)
+        inside = dist < radius * (1 - tolerance)
         in_box = bool((xa >= 0).all() and (xa <= 1).all())
-        holds = inside and in_box and p32 != int(v["pred"]) and p64 != int(v["pred"])
-        rows.append({"file": f.name, "index": int(v["index"]), "distance": dist,
-                     "radius": float(v["radius"]), "pred": int(v["pred"]),
+        holds = inside and in_box and p32 != pred and p64 != pred
+        rows.append({"file": f.name, "index": index, "distance": dist,
+                     "radius": radius, "pred": pred,
                      "adv_pred_float32": p32, "adv_pred_float64": p64, "holds": holds})
     return rows
 

@@ -32,12 +32,13 @@ from torch import nn
 from lipverify.atomic import atomic_write_bytes, atomic_write_text
 from lipverify.audits.report import AuditReport
 from lipverify.certificates import DEFAULT_RADII, certified_accuracy, certify, claim_of
-from lipverify.errors import InputError, check_images, check_labels
+from lipverify.errors import InputError, check_labels, check_model_images, check_seed
 
 __all__ = ["audit", "ATTACK_CHUNK", "CHECKS"]
 
 ATTACK_CHUNK = 32  # points per attack chunk (a resume unit); fixed so seeds do not shift
 CHECKS = ("lipschitz", "gnp", "attacks")
+_CHUNK_KEYS = ("rows", "tensors", "min_adv", "attacked", "sanity", "settings")
 
 
 def _tensor_sha(x: torch.Tensor) -> str:
@@ -72,12 +73,17 @@ class _State:
             )
         atomic_write_text(fp, fingerprint)
 
-    def load(self, name: str) -> Any:
+    def load(self, name: str, keys: tuple[str, ...] = ("json",)) -> Any:
+        """The saved dict (safe loading only), None if absent; a foreign one is refused."""
         if self.dir is None or not (self.dir / name).exists():
             return None
         from lipverify.checkpoints import safe_torch_load
 
-        return safe_torch_load(self.dir / name)
+        obj = safe_torch_load(self.dir / name)
+        if not isinstance(obj, dict) or not set(keys) <= set(obj):
+            raise InputError(f"{self.dir / name}: not a lipverify audit state file; "
+                             "start over with --overwrite")
+        return obj
 
     def save(self, name: str, obj: Any) -> None:
         if self.dir is None:
@@ -148,10 +154,16 @@ def audit(
         raise InputError(f"unknown checks {sorted(unknown)}; choose from {list(CHECKS)}")
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise InputError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
+    check_seed(seed)
+    if lipschitz is not None:
+        try:
+            lipschitz = float(lipschitz)
+        except (TypeError, ValueError):
+            raise InputError(f"lipschitz must be a number, got {repr(lipschitz)[:40]}") from None
     say = progress or (lambda _msg: None)
     t_start = time.time()
     model.eval()
-    check_images(x)
+    check_model_images(model, x)
     claim, kind = None, getattr(model, "certificate_kind", "ortho")
     if certifier is None or lipschitz is not None or hasattr(model, "lipschitz_claim"):
         try:
@@ -238,7 +250,7 @@ def audit(
         for c in range(n_chunks):
             sl = slice(c * ATTACK_CHUNK, (c + 1) * ATTACK_CHUNK)
             say(f"attacking chunk {c + 1}/{n_chunks}")
-            chunk = state.load(f"attacks-{c:05d}.pt")
+            chunk = state.load(f"attacks-{c:05d}.pt", _CHUNK_KEYS)
             if chunk is None:
                 res = attack_audit(model, x[sl], cert.pred[sl], cert.radius[sl], suite=attacks,
                                    tolerance=tolerance, seed=seed * 100_003 + c)

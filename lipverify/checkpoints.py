@@ -13,10 +13,14 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
+import math
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from lipverify.atomic import atomic_write_bytes
-from lipverify.errors import CheckpointError
+from lipverify.errors import CheckpointError, LipverifyError
 
 __all__ = [
     "FORMAT",
@@ -84,14 +88,12 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes about pickle protocols are not for users; the error below is.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path}: refused, the file needs arbitrary unpickling (it could run code); "
-                "nothing in it was executed. Re-save it as plain tensors and dicts"
-            ) from None
-        raise CheckpointError(f"{path}: corrupt or not a checkpoint ({_short(e)})") from None
+        raise _unpickling_error(path, e) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
             OverflowError, AssertionError) as e:
@@ -100,6 +102,28 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ) from None
     except Exception as e:  # noqa: BLE001 - any other failure of the unpickler is a bad file
         raise CheckpointError(f"{path}: unreadable checkpoint ({_short(e)})") from None
+
+
+# Messages of torch's weights-only unpickler when a file asks for code (a global, a call).
+_CODE_MARKERS = ("Unsupported global", "GLOBAL ", "reduce for unrecognized function",
+                 "Can only create new object", "Can only build", "is blocked")
+
+
+def _unpickling_error(path: Path, e: BaseException) -> CheckpointError:
+    """Tell a file that asks for code apart from one that is merely corrupt."""
+    text = str(e)
+    if any(m in text for m in _CODE_MARKERS):
+        found = re.search(r"GLOBAL ([A-Za-z0-9_.]{1,80})", text)
+        what = f" (it calls {found.group(1)})" if found else ""
+        return CheckpointError(
+            f"{path}: refused, the file needs arbitrary unpickling{what}, which could run code; "
+            "nothing in it was executed. Re-save it as plain tensors and dicts"
+        )
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return CheckpointError(
+        f"{path}: corrupt or not a checkpoint: the weights-only unpickler cannot read it "
+        f"({(detail[0] if detail else type(e).__name__)[:120]}); nothing in it was executed"
+    )
 
 
 def _short(e: BaseException) -> str:
@@ -181,33 +205,117 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def build_model(architecture: dict, source: str = "checkpoint") -> nn.Module:
-    """Construct a LipConvNet from an architecture dict, with a one-line error on bad values."""
+# Sanity bounds on architecture integers: far above any real LipConvNet, far below sizes
+# whose construction would exhaust memory (a crafted file must not be able to do that).
+_ARCH_INT_BOUNDS = {"init_channels": 4096, "num_layers": 40, "num_classes": 100_000,
+                    "input_size": 4096, "in_channels": 64}
+
+
+def _check_architecture(architecture: Any, source: str) -> dict:
+    if not isinstance(architecture, dict) or not all(isinstance(k, str) for k in architecture):
+        raise CheckpointError(f"{source}: the architecture is not a dict of keyword arguments")
+    for key, hi in _ARCH_INT_BOUNDS.items():
+        v = architecture.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise CheckpointError(
+                f"{source}: unusable architecture, {key} = {repr(v)[:40]} "
+                f"(expected an integer in [1, {hi}])"
+            )
+    for key in ("mean", "std"):
+        v = architecture.get(key, ())
+        if not isinstance(v, (list, tuple)) or len(v) > 64 or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            for t in v
+        ):
+            raise CheckpointError(
+                f"{source}: unusable architecture, {key} = {repr(v)[:40]} "
+                "(expected a short list of finite numbers)"
+            )
+    return architecture
+
+
+def _check_fits_state(architecture: dict, state: Any, source: str) -> None:
+    """Compare the sizes the architecture implies with the weights *before* building a model,
+    so a wrong or hostile architecture cannot make us construct a huge network."""
+    if not isinstance(state, dict):
+        return
     from lipverify.models import LipConvNet
 
+    arch = {name: p.default for name, p in inspect.signature(LipConvNet).parameters.items()}
+    arch.update(architecture)
+    keys = {k.removeprefix("module."): v for k, v in state.items() if isinstance(k, str)}
+    blocks = [int(m.group(1)) for k in keys if (m := re.match(r"layer1\.(\d+)\.", k))]
+    implied: dict[str, int] = {}
+    if blocks:
+        implied["num_layers"] = 5 * (max(blocks) + 1)
+    bias = keys.get("last_layer.bias")
+    if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+        implied["num_classes"] = int(bias.shape[0])
+    first = keys.get("layer1.0.conv.bias")  # the first block; stride 2 iff it ends layer1
+    if isinstance(first, torch.Tensor) and first.dim() == 1:
+        stride = 2 if implied.get("num_layers", arch["num_layers"]) == 5 else 1
+        if first.shape[0] % stride == 0:
+            implied["init_channels"] = int(first.shape[0]) // stride
+    for key, value in implied.items():
+        if arch.get(key) != value:
+            raise CheckpointError(
+                f"{source}: architecture mismatch, it says {key} = {arch.get(key)!r} "
+                f"but the weights imply {value}"
+            )
+
+
+def build_model(architecture: dict, source: str = "checkpoint", state: Any = None) -> nn.Module:
+    """Construct a LipConvNet from an architecture dict, with a one-line error on bad values.
+
+    With ``state`` (the weights to be loaded), sizes are checked against it first.
+    """
+    from lipverify.models import LipConvNet
+
+    _check_architecture(architecture, source)
+    if state is not None:
+        _check_fits_state(architecture, state, source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
             return LipConvNet(**architecture)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RuntimeError, ArithmeticError, MemoryError) as e:
             raise CheckpointError(f"{source}: unusable architecture ({_short(e)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a lipverify checkpoint into an eval-mode model; ``model.metadata`` holds metadata."""
     payload = read_checkpoint(path)
-    model = build_model(payload["architecture"], str(path))
+    model = build_model(payload["architecture"], str(path), payload["state_dict"])
     load_state_strict(model, payload["state_dict"], source=str(path))
+    claim = getattr(model, "lipschitz_claim", 1.0)
+    if not (math.isfinite(claim) and claim > 0):
+        raise CheckpointError(f"{path}: the normalization std must be positive and finite")
     model.metadata = payload["metadata"]
     model.checkpoint_sha256 = file_sha256(path)
     return model.to(map_location).eval()
 
 
 def load_model(path: str | os.PathLike, **architecture: Any) -> nn.Module:
-    """Load either a lipverify checkpoint or a reference-code checkpoint (eval mode)."""
+    """Load either a lipverify checkpoint or a reference-code checkpoint (eval mode).
+
+    Any failure to interpret the file is a :class:`CheckpointError`.
+    """
     payload = safe_torch_load(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return load_checkpoint(path)
-    from lipverify.reference import load_soc_reference
+    from lipverify.reference import architecture_from_reference_config, load_soc_reference
 
-    return load_soc_reference(payload, _source=str(path), **architecture)
+    source = str(path)
+    try:
+        if isinstance(payload, dict):
+            state = payload["state_dict"] if "state_dict" in payload else payload
+            config = payload.get("config", {}) if "state_dict" in payload else {}
+            if isinstance(config, dict):
+                arch = {**architecture_from_reference_config(config), **architecture}
+                _check_architecture(arch, source)
+                _check_fits_state(arch, state, source)
+        return load_soc_reference(payload, _source=source, **architecture)
+    except LipverifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, it is a bad checkpoint
+        raise CheckpointError(f"{source}: unusable reference checkpoint ({_short(e)})") from None

@@ -25,11 +25,25 @@ COMMANDS = {
 EXIT_OK, EXIT_UNSOUND, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
+def one_line(text: object, limit: int = 2000) -> str:
+    """``text`` as a single line of printable characters: line breaks become spaces and other
+    control characters (e.g. terminal escapes from a hostile file) are shown escaped."""
+    out = []
+    for ch in " ".join(str(text).split("\n")):
+        if ch in "\r\t\v\f":
+            out.append(" ")
+        elif not ch.isprintable():
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)[:limit]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with a one-line message (no usage dump) on bad options."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"lipverify: error: {message} (see '{self.prog} --help')\n")
+        sys.stderr.write(f"lipverify: error: {one_line(message)} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except LipverifyError as e:
-        sys.stderr.write(f"lipverify {args.command}: error: {e}\n")
+        sys.stderr.write(f"lipverify {args.command}: error: {one_line(e)}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write(f"lipverify {args.command}: interrupted\n")
@@ -75,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "w", prefix="lipverify-error-", suffix=".log", delete=False
         ) as log:
             traceback.print_exc(file=log)
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = one_line((str(e).strip().splitlines() or [""])[0], 200)
         sys.stderr.write(
             f"lipverify {args.command}: internal error: {type(e).__name__}: {first} "
             f"(traceback in {log.name})\n"

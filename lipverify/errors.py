@@ -11,7 +11,7 @@ import math
 import torch
 
 __all__ = ["LipverifyError", "InputError", "CheckpointError", "check_images", "check_labels",
-           "check_radius"]
+           "check_radius", "check_model_images", "check_device", "check_seed"]
 
 
 class LipverifyError(ValueError):
@@ -78,3 +78,36 @@ def check_radius(r: float) -> float:
     if math.isnan(r) or math.isinf(r) or r < 0:
         raise InputError(f"radius must be finite and non-negative, got {r}")
     return r
+
+
+def check_model_images(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:func:`check_images` with the channel count and image size that ``model`` declares in a
+    ``config`` dict (LipConvNet does); models without one are only checked for pixel values."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    return check_images(x, cfg.get("in_channels"), cfg.get("input_size"))
+
+
+def check_device(name: str | None) -> torch.device:
+    """A usable torch device from ``name`` (None: cuda if available, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+                         ) from None
+    try:
+        if device.type == "meta":
+            raise RuntimeError("the meta device holds no data")
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError, ValueError):
+        raise InputError(f"--device {name!r} is not available here; use --device cpu") from None
+    return device
+
+
+def check_seed(seed: object) -> int:
+    """A seed must be an integer in [0, 2**32)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise InputError(f"seed must be an integer in [0, 2**32), got {repr(seed)[:40]}")
+    return seed
