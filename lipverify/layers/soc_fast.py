@@ -26,6 +26,7 @@ products go through oneDNN (``mkldnn::_linear_pointwise``), which uses AVX-512 w
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -104,6 +105,26 @@ def _tap_matrix(h: int, w: int, k: int, dtype: torch.dtype, device: torch.device
     s = torch.zeros(k * k + 1, h * w * h * w, dtype=dtype)
     s[tap.reshape(-1), torch.arange(h * w * h * w)] = 1.0
     return s[: k * k].to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_pairs(h: int, w: int, k: int) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+    """For each tap of a zero-padded k x k cross-correlation on H x W: the output pixels p
+    and input pixels q it joins."""
+    pad = k // 2
+    out = []
+    for ty in range(k):
+        for tx in range(k):
+            ps, qs = [], []
+            for py in range(h):
+                for px in range(w):
+                    qy, qx = py + ty - pad, px + tx - pad
+                    if 0 <= qy < h and 0 <= qx < w:
+                        ps.append(py * w + px)
+                        qs.append(qy * w + qx)
+            if ps:
+                out.append((ty * k + tx, torch.tensor(ps), torch.tensor(qs)))
+    return tuple(out)
 
 
 def conv_matrix(a: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -249,15 +270,20 @@ class SeriesOperator:
         return y.view(x.shape[0], cout, geo.h, geo.w)
 
     def wgrad(self, x: torch.Tensor, g: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-        """``out[:G, :C] += scale * d<g, A x>/dA`` for x with C channels and g with G."""
+        """``out[:G, :C] += scale * d<g, A x>/dA`` for x with C channels and g with G; ``out``
+        is filter-shaped ``(M, M, k, k)`` for both kinds."""
         geo, cin, cout = self.geo, x.shape[1], g.shape[1]
         if self.kind == "conv":
             gw = torch.nn.grad.conv2d_weight(x, (cout, cin, geo.k, geo.k), g, padding=geo.k // 2)
             out[:cout, :cin].add_(gw, alpha=scale)
-        else:
-            hw = geo.hw
-            gm = linear(g.reshape(g.shape[0], cout * hw).t(), x.reshape(x.shape[0], cin * hw).t())
-            out[: cout * hw, : cin * hw].add_(gm, alpha=scale)
+        else:  # per tap: sum over the pixel pairs (p, q) it joins of g_p^T x_q (no n x n temp)
+            b, hw, k = x.shape[0], geo.hw, geo.k
+            xs = x.reshape(b, cin, hw).permute(2, 0, 1).contiguous()  # (hw, B, C)
+            gs = g.reshape(b, cout, hw).permute(2, 0, 1).contiguous()
+            for tap, ps, qs in _tap_pairs(geo.h, geo.w, k):
+                gt = gs[ps.to(gs.device)].reshape(-1, cout)
+                xt = xs[qs.to(xs.device)].reshape(-1, cin)
+                out[:cout, :cin, tap // k, tap % k].add_(linear(gt.t(), xt.t()), alpha=scale)
 
 
 # ------------------------------------------------------------------------------------------
@@ -368,8 +394,6 @@ class _Series(torch.autograd.Function):
             gx, gk = _horner_backward(op, g, act, ctx.terms, need_x, need_w)
         else:
             gx, gk = _exact_backward(op, g, act, ctx.terms, need_x, need_w)
-        if gk is not None and op.kind == "dense":
-            gk = conv_matrix_grad(gk, geo.m, geo.k, geo.h, geo.w)
         return gx, gk, None, None, None, None
 
 
@@ -386,7 +410,7 @@ def _exact_backward(
     gk = None
     if need_w:
         assert x is not None
-        gk = torch.zeros_like(op.tensor)
+        gk = op.tensor.new_zeros(geo.m, geo.m, geo.k, geo.k)
         cur = op.layout(x)
         cs.append(cur)
         for i in range(1, terms):
@@ -420,7 +444,7 @@ def _horner_backward(
     gk = None
     if need_w and terms > 0:
         assert y1 is not None
-        gk = torch.zeros_like(op.tensor)
+        gk = op.tensor.new_zeros(geo.m, geo.m, geo.k, geo.k)
         op.wgrad(y1, h, 1.0, gk)
     gx = None
     if need_x:
