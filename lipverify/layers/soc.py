@@ -135,6 +135,30 @@ def fantastic_four(
     return value
 
 
+class _CachedFilter(torch.autograd.Function):
+    """Forward: the eval cache's ``A`` (nothing recomputed). Backward (run only when a weight
+    gradient is asked for): the gradient of the normalization ``W -> A``, recomputed at the
+    current weights (eval mode is pure, so they are those of the forward pass)."""
+
+    @staticmethod
+    def forward(ctx, w, layer, a):  # noqa: ANN001, ANN205
+        ctx.layer = layer
+        ctx.save_for_backward(w)
+        return a.view_as(a)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (w,) = ctx.saved_tensors
+        layer = ctx.layer
+        with torch.enable_grad():
+            wd = w.detach().requires_grad_(True)
+            s = skew_filter(wd)
+            a = s * (layer.correction / fantastic_four(s, layer._vectors(), 0))
+            (gw,) = torch.autograd.grad(a, wd, g)
+        return gw, None, None
+
+
 def _functorch_active() -> bool:
     probe = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(probe()) if probe is not None else False
@@ -339,12 +363,16 @@ class SOC(nn.Module):
             torch.is_grad_enabled() and not self._frozen
             and self.random_conv_filter.requires_grad
         )
-        if weights_need_grad:  # A stays differentiable (pure in eval mode)
-            a = self.normalized_filter()
-            return self._add_bias(
-                _fast_series(xs, self.eval_terms, a=a, geo=self._geometry(xs))
-            )
-        return self._add_bias(_fast_series(xs, self.eval_terms, op=self.eval_operator(xs)))
+        op = self.eval_operator(xs)
+        if weights_need_grad:
+            cache = self._eval_cache
+            if cache is None:  # untrackable weights: A stays differentiable, recomputed
+                a = self.normalized_filter()
+                return self._add_bias(_fast_series(xs, self.eval_terms, a=a, geo=op.geo))
+            # the cached A, with the gradient of the normalization recomputed if asked for
+            a = _CachedFilter.apply(self.random_conv_filter, self, cache["a"])
+            return self._add_bias(_fast_series(xs, self.eval_terms, op=op, a=a, geo=op.geo))
+        return self._add_bias(_fast_series(xs, self.eval_terms, op=op))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain implementation (one conv per power, plain autograd): the oracle."""

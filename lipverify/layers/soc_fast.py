@@ -371,7 +371,7 @@ class _Series(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, geo, const_op, terms, mode):  # noqa: ANN001, ANN205
         op = const_op if const_op is not None else SeriesOperator.from_filter(a, geo)
-        want_w = a is not None and a.requires_grad and const_op is None
+        want_w = a is not None and a.requires_grad
         ctx.geo, ctx.terms, ctx.mode, ctx.const_op, ctx.want_w = geo, terms, mode, const_op, want_w
         if mode == "horner":
             z, act = _horner(op, x, terms)
@@ -379,7 +379,8 @@ class _Series(torch.autograd.Function):
             z, act = _power_sum(op, x, terms), x
         # only what backward needs: the filter (unless the operator is a cached constant)
         # and, for the filter gradient, the input (exact) or the last Horner state
-        ctx.save_for_backward(act if want_w else None, a if const_op is None else None)
+        keep_a = const_op is None or want_w
+        ctx.save_for_backward(act if want_w else None, a if keep_a else None)
         return z
 
     @staticmethod
@@ -466,9 +467,10 @@ def series(
 ) -> torch.Tensor:
     """Differentiable ``x -> P(A) pad(x)`` truncated, with the memory-lean backward.
 
-    ``x``: (B, cin, H, W) after space-to-depth (not channel-padded). Give either ``op``, a
-    constant operator (eval cache: input gradients only), or the filter ``a`` (which may
-    require grad: train mode, or eval mode when the weights need gradients) and ``geo``.
+    ``x``: (B, cin, H, W) after space-to-depth (not channel-padded). Give ``op``, a constant
+    operator (the eval cache), and/or the filter ``a`` (which may require grad: train mode, or
+    eval mode when the weights need gradients) and ``geo``. With both, ``op`` computes and
+    ``a`` only receives the filter gradient.
     """
     if mode not in ("exact", "horner"):
         raise ValueError(f"mode must be 'exact' or 'horner', got {mode!r}")
@@ -476,14 +478,14 @@ def series(
         raise ValueError("series needs op, or a and geo")
     geo = op.geo if op is not None else geo
     needs_graph = torch.is_grad_enabled() and (
-        x.requires_grad or (op is None and a.requires_grad)
+        x.requires_grad or (a is not None and a.requires_grad)
     )
     if not needs_graph:
         with torch.no_grad():
             if op is None:
                 op = SeriesOperator.from_filter(a, geo)
             return _horner(op, x, terms)[0] if mode == "horner" else _power_sum(op, x, terms)
-    return _Series.apply(x, a if op is None else None, geo, op, terms, mode)
+    return _Series.apply(x, a, geo, op, terms, mode)
 
 
 # ------------------------------------------------------------------------------------------
