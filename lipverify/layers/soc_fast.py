@@ -11,7 +11,7 @@ Guarantees (what each kernel computes; all are tested against ``SOC.series`` and
   backward pass (the Taylor terms are not stored). Agrees with plain autograd to rounding.
 * ``mode="horner"`` (``fast_train``): the output and the input gradient are exact; the filter
   gradient is the APPROXIMATION of Singla & Feizi (NeurIPS 2022, "Improved techniques for
-  deterministic l2 robustness", Sec. 5): the series is evaluated by Horner's scheme and the
+  deterministic l2 robustness"): the series is evaluated by Horner's scheme and the
   filter gradient is taken from the last forward and backward Horner states only,
   ``wgrad(y_1, h_1)`` with ``y_1 = sum_k A^k x/(k+1)!`` and ``h_1 = sum_j (A^T)^j g/(j+1)!``.
   It matches the exact gradient in the terms of order 0 and 1 in ``A`` and differs beyond.
@@ -245,16 +245,14 @@ class SeriesOperator:
     # -- primitives on 4-D tensors (B, C, H, W) ---------------------------------------------
     def fwd(self, x: torch.Tensor, scale: float, cout: int) -> torch.Tensor:
         """``scale * A[:cout, :C] x`` where C = x's channels (the rest of x is zero)."""
-        return self._apply(self.tensor, x, scale, cout, adjoint=False)
+        return self._apply(x, scale, cout, adjoint=False)
 
     def adj(self, g: torch.Tensor, scale: float, cout: int) -> torch.Tensor:
         """``scale * (A^T)[:cout, :C] g`` (the adjoint operator; no skew-symmetry assumed)."""
-        return self._apply(self.tensor, g, scale, cout, adjoint=True)
+        return self._apply(g, scale, cout, adjoint=True)
 
-    def _apply(
-        self, t: torch.Tensor, x: torch.Tensor, scale: float, cout: int, adjoint: bool
-    ) -> torch.Tensor:
-        geo, cin = self.geo, x.shape[1]
+    def _apply(self, x: torch.Tensor, scale: float, cout: int, adjoint: bool) -> torch.Tensor:
+        geo, cin, t = self.geo, x.shape[1], self.tensor
         if self.kind == "conv":
             if adjoint:  # conv_transpose_filter(t)[:cout, :cin]
                 f = torch.flip(t[:cin, :cout].transpose(0, 1), dims=(2, 3))
