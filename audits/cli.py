@@ -90,7 +90,15 @@ def resolve_model(args: argparse.Namespace) -> tuple[Any, str, dict, str | None]
             factory = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise InputError(f"cannot import {args.model}: {e}") from None
+        if not callable(factory):
+            raise InputError(f"{args.model} is not callable; give a function that builds the "
+                             "model")
         model = factory()
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"{args.model}() returned a {type(model).__name__}, "
+                             "not a torch.nn.Module")
         if args.lipschitz is None and not hasattr(model, "lipschitz_claim"):
             raise InputError("--model needs --lipschitz L (the bound claimed for its logits)")
         return model, fn_name, {"factory": args.model, "lipschitz": args.lipschitz}, None

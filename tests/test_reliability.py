@@ -29,6 +29,7 @@ import lipverify
 from lipverify.atomic import atomic_write, atomic_write_text
 from lipverify.audits import audit
 from lipverify.audits.report import AuditReport
+from lipverify.audits.runner import ATTACK_CHUNK
 from lipverify.checkpoints import (
     content_sha256,
     load_checkpoint,
@@ -569,23 +570,16 @@ class _CrashingFile:
 
 @pytest.fixture
 def crash_on(monkeypatch):
-    """``crash_on("report.json", skip=0)``: after ``skip`` good ones, the next atomic write of
-    that file name dies midway (instrumenting only :mod:`lipverify.atomic`)."""
+    """``crash_on("report.json", skip=0)``: after ``skip`` good ones, the next write of that
+    file name through :mod:`lipverify.atomic` dies midway. The file is recognised by the path
+    behind the descriptor (its temporary ``.NAME.*.tmp`` or NAME itself), so a non-atomic
+    writer would be caught leaving half a file."""
     import lipverify.atomic as atomic_mod
 
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the file behind a descriptor")
     targets: list[list] = []
-    real_mkstemp, real_fdopen = tempfile.mkstemp, os.fdopen
-    pending: dict[int, str] = {}
-
-    class _Temp:
-        def __getattr__(self, name):
-            return getattr(tempfile, name)
-
-        @staticmethod
-        def mkstemp(*args, **kwargs):
-            fd, name = real_mkstemp(*args, **kwargs)
-            pending[fd] = name
-            return fd, name
+    real_fdopen = os.fdopen
 
     class _Os:
         def __getattr__(self, name):
@@ -593,17 +587,16 @@ def crash_on(monkeypatch):
 
         @staticmethod
         def fdopen(fd, *args, **kwargs):
+            name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
             f = real_fdopen(fd, *args, **kwargs)
-            name = Path(pending.pop(fd, "")).name
             for t in targets:
-                if name.startswith(f".{t[0]}."):
+                if name == t[0] or name.startswith(f".{t[0]}."):
                     t[1] -= 1
                     if t[1] < 0:
                         targets.remove(t)
                         return _CrashingFile(f)
             return f
 
-    monkeypatch.setattr(atomic_mod, "tempfile", _Temp())
     monkeypatch.setattr(atomic_mod, "os", _Os())
     return lambda name, skip=0: targets.append([name, skip])
 
@@ -699,8 +692,9 @@ def test_metrics_write_crash_keeps_the_previous_metrics(tmp_path, crash_on) -> N
 
 
 # -- kill -9 + resume, concurrency and determinism of audits (subprocesses) --------------------
-AUDIT_ARGS = ["--dataset", "synthetic", "--n", "40", "--checks", "attacks", "--lipschitz", "1",
-              "--seed", "3", "--quiet"]  # L = 1 overstates the radii: violations get saved
+N_AUDIT = ATTACK_CHUNK + 8  # two chunks: the kill falls between them
+AUDIT_ARGS = ["--dataset", "synthetic", "--n", str(N_AUDIT), "--checks", "attacks",
+              "--lipschitz", "1", "--seed", "3", "--quiet"]  # L = 1 overstates the radii
 
 
 def _report_json(d: Path) -> dict:
@@ -750,13 +744,17 @@ def audit_runs(work, tmp_path_factory) -> dict:
     c.send_signal(signal.SIGKILL)
     c.wait()
     killed_report = (cut / "report.json").exists()
+    saved = first.stat() if first.exists() else None
     codes = [a.wait(timeout=300), b.wait(timeout=300)]
     errs = [a.stderr.read(), b.stderr.read()]
     resumed = subprocess.run(CMD + ["audit", ckpt, *AUDIT_ARGS, "--out", str(cut), "--resume"],
                              env=ENV, cwd=cwd, capture_output=True, text=True, timeout=300)
+    after = first.stat()
+    reused = saved is not None and (saved.st_ino, saved.st_mtime_ns) == (after.st_ino,
+                                                                          after.st_mtime_ns)
     return {"cwd": cwd, "cut": cut, "alive": alive, "had_second": had_second,
-            "first": first.exists(), "killed_report": killed_report, "codes": codes,
-            "errs": errs, "resumed": resumed}
+            "first": saved is not None, "killed_report": killed_report, "codes": codes,
+            "errs": errs, "resumed": resumed, "reused": reused}
 
 
 def test_concurrent_audits_in_default_dirs_do_not_interfere(audit_runs) -> None:
@@ -776,13 +774,15 @@ def test_kill_9_then_resume_equals_the_uninterrupted_audit(audit_runs) -> None:
     r = audit_runs
     assert r["alive"] and r["first"] and not r["had_second"], "not killed between chunks"
     assert not r["killed_report"]  # the killed run wrote no report
+    assert r["reused"], "the resumed audit recomputed the chunk saved before the kill"
     res = r["resumed"]
     assert res.returncode == 1, res.stderr
     reference = sorted((r["cwd"] / "audits").iterdir())[0]
     resumed = _report_json(r["cut"])
     assert resumed == _report_json(reference)
     assert _same_records(_violations(r["cut"]), _violations(reference))
-    assert resumed["provenance"]["n_points"] == 40 and resumed["attacks"]["n_attacked"] == 40
+    assert resumed["provenance"]["n_points"] == N_AUDIT
+    assert resumed["attacks"]["n_attacked"] == N_AUDIT
 
 
 def test_explicit_out_with_results_is_refused_unless_overwrite(audit_runs, work, tmp_path,
@@ -796,7 +796,7 @@ def test_explicit_out_with_results_is_refused_unless_overwrite(audit_runs, work,
     assert "already holds results" in _one_line_error(capsys.readouterr().err, "lipverify audit")
     assert (out / "report.json").read_bytes() == before
     # a resume whose settings differ from the saved state is refused too
-    assert main(base + ["--n", "40", "--lipschitz", "1", "--seed", "4", "--resume"]) == 2
+    assert main(base + ["--n", str(N_AUDIT), "--lipschitz", "1", "--seed", "4", "--resume"]) == 2
     assert "different audit" in _one_line_error(capsys.readouterr().err, "lipverify audit")
     assert main(base + ["--n", "2", "--overwrite"]) in (0, 3)
     capsys.readouterr()
