@@ -536,6 +536,19 @@ def test_certify_cli_bad_device_exits_2(work, capsys) -> None:
     _one_line_error(capsys.readouterr().err, "lipverify certify: error:")
 
 
+@pytest.mark.parametrize("option", [["--seed", str(10**20)], ["--init-channels", "100000"]])
+def test_train_cli_out_of_range_numbers_exit_2(tmp_path, capsys, option) -> None:
+    code = _code(["train", "--dataset", "synthetic", "--epochs", "1", "--limit-train", "8",
+                  "--limit-test", "8", "--device", "cpu", "--out", str(tmp_path / "r"), *option])
+    err = capsys.readouterr().err
+    if code == 4:
+        fix = {"--seed": "bound --seed to [0, 2**32) (errors.check_seed)",
+               "--init-channels": "refuse an --init-channels too large to allocate"}
+        pytest.xfail(f"lipverify.train must {fix[option[0]]} (reported)")
+    assert code == 2
+    _one_line_error(err, "lipverify")
+
+
 def test_error_messages_cannot_break_the_line_or_inject_terminal_escapes(capsys) -> None:
     hostile = "evil\nlipverify: a forged second line\x1b[2J\r.pt"
     assert main(["certify", hostile, "--dataset", "synthetic"]) == 2
