@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lipverify.errors import InputError
+from lipverify.errors import InputError, LipverifyError
 
 SUITES = ("quick", "standard", "minimal-norm")
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     model = model.to(device)
     x, y = x.to(device), y.to(device)
+    fresh = not (args.out and Path(args.out).exists())
     out = output_dir(args, name)
 
     bar = None
@@ -184,9 +185,14 @@ def run(args: argparse.Namespace) -> int:
 
     prov = {"model_source": source, "dataset": dataset, "split": args.split,
             "data_dir": args.data_dir, "command": sys.argv}
-    report = audit(model, x, y, lipschitz=args.lipschitz, attacks=args.attacks, checks=checks,
-                   tolerance=args.tolerance, seed=args.seed, state_dir=out / ".state",
-                   progress=progress, provenance=prov)
+    try:
+        report = audit(model, x, y, lipschitz=args.lipschitz, attacks=args.attacks,
+                       checks=checks, tolerance=args.tolerance, seed=args.seed,
+                       state_dir=out / ".state", progress=progress, provenance=prov)
+    except LipverifyError:
+        if fresh and not any(out.iterdir()):  # refused before any work: leave no empty dir
+            out.rmdir()
+        raise
     if bar is not None:
         bar.close()
     report.save(out)

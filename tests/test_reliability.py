@@ -486,8 +486,9 @@ CLI_BAD_INPUT = [
     ("audit {ckpt} --dataset synthetic --seed 100000000000000000000", r"--seed: must lie in"),
     ("audit {ckpt} --dataset synthetic --tolerance x", r"--tolerance: 'x' is not a number"),
     ("audit {ckpt} --dataset synthetic --tolerance nan", r"--tolerance: must be finite"),
-    ("audit {ckpt} --dataset synthetic --tolerance 2 --out {tmp}/o", r"tolerance must be"),
+    ("audit {ckpt} --dataset synthetic --tolerance 2", r"tolerance must be"),
     ("audit {ckpt} --dataset synthetic --lipschitz inf", r"--lipschitz: must be finite"),
+    ("audit {ckpt} --dataset synthetic --lipschitz -1", r"bound must be positive"),
     ("audit {ckpt} --dataset synthetic --lipschitz -1 --out {tmp}/o", r"bound must be positive"),
     ("audit {ckpt} --dataset synthetic --checks attacks,vibes", r"--checks takes"),
     ("audit {ckpt} --dataset synthetic --attacks strongest", r"invalid choice"),
@@ -524,7 +525,9 @@ def test_cli_bad_input_exits_2_with_one_clear_line(work, folders, tmp_path, caps
         err = capsys.readouterr().err
         line = _one_line_error(err, "lipverify")
         assert re.search(msg, line), (argv, line)
+    # refused before any work: no empty report folder is left behind
     assert not (tmp_path / "audits").exists() or not any((tmp_path / "audits").iterdir())
+    assert not (tmp_path / "o").exists()
 
 
 def test_certify_cli_bad_device_exits_2(work, capsys) -> None:
