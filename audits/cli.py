@@ -124,6 +124,10 @@ def output_dir(args: argparse.Namespace, name: str) -> Path:
         if has_results and not (args.resume or args.overwrite):
             raise InputError(f"{out} already holds results; pass --overwrite to replace them "
                              "or --resume to continue")
+        if has_results:  # temporary files of writes cut short by a kill
+            for pattern in (".*.tmp", ".state/.*.tmp", "violations/.*.tmp"):
+                for tmp in out.glob(pattern):
+                    tmp.unlink(missing_ok=True)
         if args.overwrite and not args.resume and out.exists():
             for f in REPORT_FILES:
                 (out / f).unlink(missing_ok=True)

@@ -812,8 +812,18 @@ def test_explicit_out_with_results_is_refused_unless_overwrite(audit_runs, work,
     assert "already holds results" in _one_line_error(capsys.readouterr().err, "lipverify audit")
     assert (out / "report.json").read_bytes() == before
     # a resume whose settings differ from the saved state is refused too
-    assert main(base + ["--n", str(N_AUDIT), "--lipschitz", "1", "--seed", "4", "--resume"]) == 2
+    same = base + ["--n", str(N_AUDIT), "--lipschitz", "1", "--resume"]
+    assert main(same + ["--seed", "4"]) == 2
     assert "different audit" in _one_line_error(capsys.readouterr().err, "lipverify audit")
+    # resuming a finished audit redoes no attack, gives the same report, and removes the
+    # temporary files of writes that a kill cut short
+    stale = [out / ".report.json.x1.tmp", out / ".state" / ".attacks-00001.pt.x2.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a fi")
+    assert main(same + ["--seed", "3"]) == 1
+    capsys.readouterr()
+    assert _report_json(out) == _report_json(audit_runs["cut"])
+    assert not any(f.exists() for f in stale)
     assert main(base + ["--n", "2", "--overwrite"]) in (0, 3)
     capsys.readouterr()
     doc = json.loads((out / "report.json").read_text())
