@@ -6,7 +6,11 @@ Guarantees:
   a file that needs arbitrary unpickling is refused with :class:`CheckpointError`.
 * A lipverify checkpoint stores a format version, the architecture, the weights, metadata and a
   SHA-256 over all of them (tensor names, dtypes, shapes and bytes, and the canonical text of
-  every other value). Any change to the stored content fails the check on load.
+  every other value). Any change to the stored content fails the check on load. The checksum
+  detects damage, it is no signature: a crafted file is still only data, and before any model
+  is built its architecture is bounded and checked against the weights (channels, depth,
+  classes), so no file can make us construct a huge network.
+* Every failure to read or interpret a file is a one-line :class:`CheckpointError` naming it.
 * Writes are atomic (temporary file, then rename).
 """
 
