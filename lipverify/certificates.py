@@ -89,9 +89,10 @@ def radii_from_logits(
         raise ValueError("LLN certificates need the normalized last-layer weight")
     w = weight.to(logits.dtype)
     dist = torch.cdist(w[target], w, compute_mode="donot_use_mm_for_euclid_dist")  # (N, K)
-    ratio = margins / (dist * lipschitz)
+    same = dist == 0  # the target's own column, and any identical rows
+    ratio = margins / (torch.where(same, torch.ones_like(dist), dist) * lipschitz)
     # Identical rows: a positive margin never flips (skip), a non-positive one gives 0.
-    same = dist == 0
+    # (The safe denominator keeps gradients finite for certificate regularization.)
     ratio = torch.where(same & (margins > 0), torch.full_like(ratio, float("inf")), ratio)
     ratio = torch.where(same & (margins <= 0), torch.zeros_like(ratio), ratio)
     return ratio.masked_fill(~other, float("inf")).min(1).values

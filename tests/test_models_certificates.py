@@ -204,3 +204,17 @@ def test_certify_restores_training_mode() -> None:
     lipverify.certify(m, torch.rand(2, 3, 32, 32))
     assert m.training
     assert all(isinstance(b.conv, SOC) for b in m.blocks)
+
+
+@pytest.mark.parametrize("kind", ["ortho", "lln"])
+def test_label_certificates_have_finite_gradients(kind: str) -> None:
+    """Certificate regularization differentiates the radius of the true label."""
+    logits = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(5, 4)
+    w = (w / w.norm(dim=1, keepdim=True)).requires_grad_(True)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    r = radii_from_logits(logits, 2.0, kind, weight=w if kind == "lln" else None, target=target)
+    r.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    if kind == "lln":
+        assert torch.isfinite(w.grad).all()
