@@ -163,3 +163,19 @@ def test_soc_is_1_lipschitz_on_random_pairs(stride: int, seed: int, c: int) -> N
     assert y1.shape == (3, 2 * c, 8 // stride, 8 // stride)
     ratio = (y1 - y2).flatten(1).norm(dim=1) / (x1 - x2).flatten(1).norm(dim=1)
     assert (ratio <= 1 + 1e-6).all()
+
+
+def test_eval_backward_can_run_repeatedly() -> None:
+    """The eval-mode operator cache must hold no autograd graph (``inference_mode(False)``
+    re-enables grad mode, so it has to be entered before ``no_grad``)."""
+    from lipverify.models import LipConvNet
+
+    m = LipConvNet(init_channels=6).eval()
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    grads = []
+    for _ in range(3):
+        m(x).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert all(torch.allclose(g, grads[0]) for g in grads)
+    assert m.layer1[0].conv.random_conv_filter.grad is not None

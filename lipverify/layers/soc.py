@@ -301,7 +301,7 @@ class SOC(nn.Module):
         key = self.weights_key()
         cache = self._eval_cache
         if cache is None or key is None or cache["key"] != key:
-            with torch.no_grad(), torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 s = skew_filter(self.random_conv_filter)  # the eval-mode (pure) formula
                 a = s * (self.correction / fantastic_four(s, self._vectors(), 0))
             cache = {"key": key, "a": a, "ops": {}}
@@ -309,7 +309,7 @@ class SOC(nn.Module):
         geo = self._geometry(xs)
         op = cache["ops"].get(geo)
         if op is None:
-            with torch.no_grad(), torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 op = SeriesOperator.from_filter(cache["a"], geo)
             if key is not None:
                 cache["ops"] = {geo: op}  # one input size at a time
