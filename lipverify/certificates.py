@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lipverify.errors import InputError, check_images, check_labels, check_radius
+from lipverify.errors import InputError, check_labels, check_model_images, check_radius
 
 __all__ = ["Certificates", "certify", "certified_accuracy", "radii_from_logits", "claim_of"]
 
@@ -110,7 +110,7 @@ def certify(
     The model is evaluated in eval mode; its previous mode is restored afterwards.
     """
     lip, kind = claim_of(model, lipschitz)
-    check_images(x)
+    check_model_images(model, x)
     was_training = model.training
     model.eval()
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lipverify.atomic import atomic_write_text
-from lipverify.errors import InputError, check_images, check_labels
+from lipverify.errors import InputError, check_device, check_images, check_labels
 
 __all__ = ["add_arguments", "run", "parse_radius", "certify_dataset", "format_table"]
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.n is not None:
         x, y = x[: args.n], y[: args.n]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     result = certify_dataset(model, x.float(), torch.as_tensor(y), radii, device,
                              args.batch_size)
     print(f"checkpoint: {what}")

@@ -72,7 +72,7 @@ def load_soc_reference(
         raise CheckpointError(f"{source}: the 'config' entry is not a dict")
     arch = architecture_from_reference_config(config)
     arch.update(architecture)
-    model = build_model(arch, source)
+    model = build_model(arch, source, state=state if isinstance(state, dict) else None)
     if isinstance(state, dict):  # DataParallel / DDP prefixes
         state = {(k.removeprefix("module.") if isinstance(k, str) else k): v
                  for k, v in state.items()}

@@ -189,6 +189,8 @@ def _validate(c: TrainConfig) -> None:
     need(c.last_layer in ("lln", "ortho"), "--last-layer must be lln or ortho")
     need(c.num_layers in range(5, 45, 5), "--num-layers must be one of 5, 10, ..., 40")
     need(c.init_channels >= 1, "--init-channels must be >= 1")
+    need(c.init_channels <= 4096, "--init-channels must be <= 4096 (the network would not fit)")
+    need(c.seed is None or 0 <= c.seed < 2**32, "--seed must be an integer in [0, 2**32)")
     for name in ("limit_train", "limit_test"):
         v = getattr(c, name)
         need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1")
