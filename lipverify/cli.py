@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from lipverify.errors import LipverifyError
+
+    # attack backends script functions with torch.jit, which warns on every run
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,13 +13,15 @@ def _run(code: str) -> str:
 
 def test_import_is_lazy_and_subpackages_are_mapped() -> None:
     out = _run(
-        "import sys, lipverify, lipverify.attacks, lipverify.audits;"
-        "print('torch' in sys.modules, 'torchattacks' in sys.modules, 'foolbox' in sys.modules);"
+        "import sys, lipverify; print('torch' in sys.modules);"
+        "import lipverify.attacks, lipverify.audits;"
+        "print('torchattacks' in sys.modules, 'foolbox' in sys.modules);"
         "print(lipverify.audits.__file__)"
     )
     lines = out.splitlines()
-    assert lines[0] == "False False False"
-    assert "audits" in lines[1] and "lipverify/audits" not in lines[1]
+    assert lines[0] == "False"  # import lipverify stays light (the pytest plugin needs it)
+    assert lines[1] == "False False"  # no attack library until an attack runs
+    assert "audits" in lines[2] and "lipverify/audits" not in lines[2]
 
 
 def test_no_generic_top_level_names_installed() -> None:
