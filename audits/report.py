@@ -135,7 +135,7 @@ class AuditReport:
             md += ["| layer | kind | lower | upper | method |", "|---|---|---|---|---|"]
             md += [
                 f"| {lb['name']} | {lb['kind']} | {_fmt(lb.get('lower'))} | "
-                f"{_fmt(lb.get('upper'))} | {lb.get('method', '')} |"
+                f"{_fmt(lb.get('upper'))} | {_cell(lb.get('method', ''))} |"
                 for lb in self.layers
             ]
             md.append("")
@@ -178,6 +178,12 @@ class AuditReport:
             for n, b in (pngs or {}).items()
         )
         color = {"sound": "#1a7f37", "unsound": "#cf222e"}.get(self.verdict, "#9a6700")
+        marker = "<h2>Provenance</h2>"
+        if marker in body:
+            head, tail = body.split(marker, 1)
+            body = f"{head}<h2>Plots</h2>{imgs}{marker}{tail}"
+        else:
+            body += f"<h2>Plots</h2>{imgs}"
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>lipverify audit</title>"
             "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
@@ -185,8 +191,7 @@ class AuditReport:
             f".verdict{{color:{color};font-size:1.6em;font-weight:bold}}"
             "figure{display:inline-block;margin:1em}img{max-width:440px}"
             "pre{background:#f6f8fa;padding:1em;overflow:auto}</style></head><body>"
-            f"<p class='verdict'>{html.escape(self.verdict.upper())}</p>{body}"
-            f"<h2>Plots</h2>{imgs}</body></html>"
+            f"<p class='verdict'>{html.escape(self.verdict.upper())}</p>{body}</body></html>"
         )
 
     def plots(self) -> dict[str, bytes]:
@@ -276,6 +281,11 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def _cell(text: Any) -> str:
+    """Table-cell text: a literal '|' (as in ||A||) would split the cell."""
+    return str(text).replace("||", "\u2016").replace("|", "\u00a6")
 
 
 def _pct(v: Any) -> str:
