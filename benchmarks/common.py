@@ -2,12 +2,15 @@
 
 Timings are wall-clock (``time.perf_counter``) medians of at least 3 runs after warm-up.
 Peak memory is the process's resident set size sampled every few milliseconds during a call
-(``/proc/self/statm``), minus its size just before the call: what the call itself needed on
-top of what was already allocated. ``tracemalloc`` does not see torch's allocations.
+(``/proc/self/statm``), minus its size just before the call (after ``malloc_trim``, so memory
+freed by earlier calls does not hide this one's): what the call itself needed on top of what
+was already allocated. ``tracemalloc`` does not see torch's allocations.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -25,6 +28,7 @@ import torch
 __all__ = [
     "setup_threads",
     "rss_bytes",
+    "trim_heap",
     "PeakRSS",
     "measure",
     "interleaved",
@@ -33,6 +37,18 @@ __all__ = [
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _libc_trim() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back
+        return lambda: None
+    return lambda: trim(0)
+
+
+trim_heap = _libc_trim()
 
 
 def setup_threads(n: int) -> None:
@@ -64,6 +80,7 @@ class PeakRSS:
             self._max = max(self._max, rss_bytes())
 
     def __enter__(self) -> PeakRSS:
+        trim_heap()  # return freed memory to the OS, so reuse does not hide this block's need
         self.start = self._max = rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
