@@ -292,6 +292,9 @@ def test_eval_cache_is_reused_and_invalidated(monkeypatch) -> None:
     check()
     layer.eval_terms = 3
     check()
+    for _ in range(2):  # re-assigned tensors (even one reusing a freed id/address)
+        layer.random_conv_filter = torch.nn.Parameter(torch.randn_like(layer.random_conv_filter))
+        check()
     layer.train()
     assert layer._eval_cache is None
     layer(x)  # train mode: power iteration moves the vectors

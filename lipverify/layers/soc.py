@@ -24,6 +24,7 @@ series, never ``matrix_exp``) when asked to, for audits and whole-test-set certi
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -276,18 +277,34 @@ class SOC(nn.Module):
         return z
 
     # -- fast paths (same function) ------------------------------------------------------
+    def _weight_parts(self) -> list[torch.Tensor]:
+        parts = [self.random_conv_filter, self.correction]
+        return parts + [getattr(self, f"{c}{i}") for i in range(1, 5) for c in "uv"]
+
     def weights_key(self) -> tuple | None:
         """Identity and version of everything ``A`` depends on (None: not trackable, e.g.
         inference tensors). Any in-place change, ``load_state_dict`` or re-assignment of the
-        filter, the vectors or ``correction`` changes it."""
+        filter, the vectors or ``correction`` changes it (with :meth:`same_weights`, which
+        rules out a new tensor that reuses a freed one's id and address)."""
         try:
-            parts = [self.random_conv_filter, self.correction]
-            parts += [getattr(self, f"{c}{i}") for i in range(1, 5) for c in "uv"]
             return tuple(
-                (id(t), t._version, t.data_ptr(), t.dtype, str(t.device)) for t in parts
+                (id(t), t._version, t.data_ptr(), t.dtype, str(t.device))
+                for t in self._weight_parts()
             ) + (self.eval_terms, self.training)
         except RuntimeError:
             return None
+
+    def weight_refs(self) -> tuple:
+        """Weak references to the tensors of :meth:`weights_key`."""
+        return tuple(weakref.ref(t) for t in self._weight_parts())
+
+    def same_weights(self, key: tuple | None, refs: tuple) -> bool:
+        """Whether ``key`` and ``refs`` (taken together earlier) still describe the weights."""
+        parts = self._weight_parts()
+        return (
+            key is not None and key == self.weights_key() and len(refs) == len(parts)
+            and all(r() is t for r, t in zip(refs, parts, strict=True))
+        )
 
     def _geometry(self, xs: torch.Tensor) -> Geometry:
         return Geometry(
@@ -298,14 +315,15 @@ class SOC(nn.Module):
     def eval_operator(self, xs: torch.Tensor) -> SeriesOperator:
         """The cached (eval mode) operator ``A`` for inputs shaped like ``xs`` (after
         space-to-depth). Rebuilt when :meth:`weights_key` changes."""
-        key = self.weights_key()
         cache = self._eval_cache
-        if cache is None or key is None or cache["key"] != key:
+        if cache is None or not self.same_weights(cache["key"], cache["refs"]):
+            key = self.weights_key()
             with torch.inference_mode(False), torch.no_grad():
                 s = skew_filter(self.random_conv_filter)  # the eval-mode (pure) formula
                 a = s * (self.correction / fantastic_four(s, self._vectors(), 0))
-            cache = {"key": key, "a": a, "ops": {}}
+            cache = {"key": key, "refs": self.weight_refs(), "a": a, "ops": {}}
             self._eval_cache = cache if key is not None else None
+        key = cache["key"]
         geo = self._geometry(xs)
         op = cache["ops"].get(geo)
         if op is None:

@@ -89,9 +89,10 @@ class DenseOperator:
     seconds: float = 0.0
     source: str = "built"
     min_batch: int = 1
+    refs: tuple = field(default=(), repr=False)
 
     def valid_for(self, layer: SOC) -> bool:
-        return not layer.training and layer.weights_key() == self.key
+        return not layer.training and layer.same_weights(self.key, self.refs)
 
     def accepts(self, x: torch.Tensor) -> bool:
         return (
@@ -496,7 +497,8 @@ def _attach(layer: SOC, plan: LayerPlan, cache: Path | None, min_batch: int | No
         plan.seconds = time.perf_counter() - t0
         plan.source, plan.materialized = source, True
         layer._dense = DenseOperator(
-            key, digest, plan.input_shape, out_shape, s, p, plan.seconds, source, mb
+            key, digest, plan.input_shape, out_shape, s, p, plan.seconds, source, mb,
+            layer.weight_refs(),
         )
         log.info("%s: dense %dx%d %s in %.2f s", plan.name, plan.rows, plan.cols, source,
                  plan.seconds)
