@@ -12,14 +12,19 @@ in any ``state_dict``); one read from the disk cache is used only after its SHA-
 and a randomized probe against the series all check out, otherwise it is rebuilt.
 
 Cost model (multiply-adds, "MAC"): building ``P`` pushes ``min(in, out) * H * W`` basis
-vectors through the series, i.e. it costs as much as that many images; each later image then
-costs ``rows * cols`` MAC instead of the series' ``~T * M^2 * k^2 * H * W``. A layer is
-materialised when (a) ``rows * cols <= max_entries`` (memory: 2^27 entries = 512 MiB in
-float32), (b) the dense product is at least ``min_gain`` times cheaper per image, and (c) the
-build repays within ``images`` images. For LipConvNet-5 at 32x32 with ``images=10_000`` this
-selects stages 1, 3, 4, 5 and the last layer (n = M*H*W = 16384, 8192, 4096, 2048, 1024);
-stage 2 (n = 16384, 8192 x 16384 entries, repays after ~11.7k images) joins from ``images``
-~12k on (an attack audit runs ~1e5 forward-backward passes).
+vectors through the series, i.e. it costs as much as that many images (no ``n^3`` matrix
+products: ``matrix_exp`` on n = 8192 took 165 s on 2 cores; the whole LipConvNet-5 plan below
+builds in about a minute there); each later image then costs ``rows * cols`` MAC instead of
+the series' ``~T * M^2 * k^2 * H * W``. A layer is materialised when (a) ``rows * cols <=
+max_entries`` (memory: 2^27 entries = 512 MiB in float32; with ``rows = out*H*W`` and
+``cols = in*H*W`` this admits n = M*H*W up to 16384 for the stride-2 layers and ~11585 for
+square ones), (b) the dense product is at least ``min_gain`` (1.5) times cheaper per image,
+and (c) the build repays within ``images`` images. For LipConvNet-5 at 32x32 with
+``images=10_000`` this selects stages 1, 3, 4, 5 and the last layer (n = M*H*W = 16384, 8192,
+4096, 2048, 1024); stage 2 (n = 16384, 8192 x 16384 entries, repays after ~11.9k images)
+joins from ``images`` ~12k on (an attack audit runs ~1e5 forward-backward passes). For
+LipConvNet-20, stages 3.3 to 5 (10k images), and 2.3 to 3.2 too for 1e5 images; its
+full-resolution stride-1 layers stay series (2^28 to 2^30 entries, or no per-image gain).
 """
 
 from __future__ import annotations
