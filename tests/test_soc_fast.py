@@ -277,6 +277,7 @@ def test_eval_cache_is_reused_and_invalidated(monkeypatch) -> None:
 
     check()
     cached = layer._eval_cache["a"]
+    assert not cached.requires_grad and cached.grad_fn is None  # a constant, no graph
     check()
     assert layer._eval_cache["a"] is cached  # reused
     with torch.no_grad():
