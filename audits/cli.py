@@ -13,32 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lipverify.cli import finite_float, positive_int
 from lipverify.errors import InputError, LipverifyError
 
 SUITES = ("quick", "standard", "minimal-norm")
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return v
 
 
 def _seed(text: str) -> int:
@@ -57,20 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="MODULE:FACTORY",
                    help="audit any nn.Module built by FACTORY() (needs --lipschitz unless the "
                         "module declares lipschitz_claim)")
-    p.add_argument("--lipschitz", type=_float, metavar="L",
+    p.add_argument("--lipschitz", type=finite_float, metavar="L",
                    help="claimed Lipschitz bound of the logit map (overrides the model's claim)")
     p.add_argument("--dataset", help="digits, cifar10, cifar100, imagefolder, synthetic "
                    "(default: digits for the built-in model)")
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--n", type=_positive_int, default=100, help="number of points (default 100)")
+    p.add_argument("--n", type=positive_int, default=100, help="number of points (default 100)")
     p.add_argument("--attacks", default="quick", choices=SUITES)
     p.add_argument("--checks", default="lipschitz,gnp,attacks",
                    help="comma-separated subset of lipschitz,gnp,attacks")
     p.add_argument("--out", help="report directory (default: a new audits/<name>-<timestamp>)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--tolerance", type=_float, default=1e-3)
+    p.add_argument("--tolerance", type=finite_float, default=1e-3)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted audit in --out")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lipverify.atomic import atomic_write_text
+from lipverify.cli import positive_int
 from lipverify.errors import InputError, check_device, check_images, check_labels
 
 __all__ = ["add_arguments", "run", "parse_radius", "certify_dataset", "format_table"]
@@ -44,15 +45,6 @@ def parse_radius(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lipverify.data import DATASETS
@@ -68,10 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", nargs="+", type=parse_radius, metavar="R",
                         help="l2 radii in pixel units, e.g. 36/255 0.5 "
                              "(default 36/255 72/255 108/255)")
-    parser.add_argument("--n", type=_positive_int, metavar="N",
+    parser.add_argument("--n", type=positive_int, metavar="N",
                         help="certify the first N images of the split")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (atomic)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download CIFAR")

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipverify.atomic import atomic_write, atomic_write_text
+from lipverify.cli import finite_float, nonneg_float, nonneg_int, positive_int
 from lipverify.errors import InputError
 
 __all__ = [
@@ -863,41 +864,8 @@ def _progress_bar(total: int, epoch: int, epochs: int, enabled: bool):
 
 
 # -- command line ------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
-    return v
-
-
-def _nonneg(text: str) -> float:
-    v = _finite(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -910,40 +878,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/lipverify)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download CIFAR")
-    g.add_argument("--val-split", type=_nonneg, metavar="F",
+    g.add_argument("--val-split", type=nonneg_float, metavar="F",
                    help="hold out a fraction F of the training data to select best.pt on")
     g.add_argument("--augment", choices=("auto", "none", "crop", "crop-flip"),
                    help="auto: crop+flip for CIFAR-style data, none for digits/synthetic")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False,
                    default=None, help="keep the sample order fixed")
-    g.add_argument("--limit-train", type=_positive_int, metavar="N",
+    g.add_argument("--limit-train", type=positive_int, metavar="N",
                    help="use the first N training images (tests, smoke runs)")
-    g.add_argument("--limit-test", type=_positive_int, metavar="N",
+    g.add_argument("--limit-test", type=positive_int, metavar="N",
                    help="evaluate on the first N test images")
-    g.add_argument("--workers", type=_nonneg_int, default=0,
+    g.add_argument("--workers", type=nonneg_int, default=0,
                    help="processes for decoding image folders (0: in-process)")
     m = parser.add_argument_group("model")
     m.add_argument("--conv", help="convolution family (default soc)")
     m.add_argument("--activation", choices=("maxmin", "hh1", "hh2"), help="default hh1")
-    m.add_argument("--num-layers", type=_positive_int, help="5, 10, ..., 40 (default 5)")
-    m.add_argument("--init-channels", type=_positive_int,
+    m.add_argument("--num-layers", type=positive_int, help="5, 10, ..., 40 (default 5)")
+    m.add_argument("--init-channels", type=positive_int,
                    help="default 32 (digits 8, synthetic 4)")
     m.add_argument("--last-layer", choices=("lln", "ortho"), help="default lln")
-    m.add_argument("--mean", type=_finite, nargs="+", help="normalization mean (1 or C values)")
-    m.add_argument("--std", type=_finite, nargs="+", help="normalization std (1 or C values)")
+    m.add_argument("--mean", type=finite_float, nargs="+",
+                   help="normalization mean (1 or C values)")
+    m.add_argument("--std", type=finite_float, nargs="+", help="normalization std (1 or C values)")
     o = parser.add_argument_group("optimization (defaults: the ICLR 2022 recipe)")
-    o.add_argument("--epochs", type=_positive_int, help="default 200 (digits 40, synthetic 2)")
-    o.add_argument("--batch-size", type=_positive_int,
+    o.add_argument("--epochs", type=positive_int, help="default 200 (digits 40, synthetic 2)")
+    o.add_argument("--batch-size", type=positive_int,
                    help="global batch, split across ranks; default 128 (digits 64)")
-    o.add_argument("--lr", type=_nonneg, help="default 0.1")
-    o.add_argument("--momentum", type=_nonneg, help="default 0.9")
-    o.add_argument("--weight-decay", type=_nonneg,
+    o.add_argument("--lr", type=nonneg_float, help="default 0.1")
+    o.add_argument("--momentum", type=nonneg_float, help="default 0.9")
+    o.add_argument("--weight-decay", type=nonneg_float,
                    help="default 5e-4; never applied to activation angles")
-    o.add_argument("--lr-milestones", type=_nonneg, nargs="+", metavar="FRAC",
+    o.add_argument("--lr-milestones", type=nonneg_float, nargs="+", metavar="FRAC",
                    help="fractions of the steps after which the lr drops (default 0.5 0.75)")
-    o.add_argument("--lr-factor", type=_nonneg, help="lr multiplier at each milestone (0.1)")
-    o.add_argument("--gamma", type=_nonneg, help="certificate regularization weight (0)")
-    o.add_argument("--seed", type=_nonneg_int, help="default 0")
+    o.add_argument("--lr-factor", type=nonneg_float, help="lr multiplier at each milestone (0.1)")
+    o.add_argument("--gamma", type=nonneg_float, help="certificate regularization weight (0)")
+    o.add_argument("--seed", type=nonneg_int, help="default 0")
     o.add_argument("--amp", action="store_const", const=True, default=None,
                    help="mixed precision training on GPU (evaluation stays float32)")
     r = parser.add_argument_group("run")
