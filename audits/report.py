@@ -259,12 +259,19 @@ class AuditReport:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Write report.json, report.md, report.html (plots embedded) and violations/NNNN.pt."""
+        """Write report.json, report.md, report.html (plots embedded) and violations/NNNN.pt
+        (the folder always exists; records left by an earlier report there are removed)."""
         import torch
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         pngs = self.plots()
+        vdir = d / "violations"
+        vdir.mkdir(exist_ok=True)  # present (and empty) when nothing was found
+        keep = {f"{i:04d}.pt" for i in range(len(self.violation_tensors))}
+        for old in vdir.glob("[0-9][0-9][0-9][0-9].pt"):  # records of an earlier report here
+            if old.name not in keep:
+                old.unlink()
         for i, v in enumerate(self.violation_tensors):
             buf = io.BytesIO()
             torch.save(v, buf)

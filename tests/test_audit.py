@@ -217,7 +217,7 @@ def test_save_writes_all_report_files(positive, overstated, tmp_path):
     data = json.loads((d / "report.json").read_text())
     assert keys <= set(data) and data["verdict"] == "sound" and data["violations"] == []
     assert data["lipschitz_lower"] <= data["lipschitz_upper"]
-    assert not list((d / "violations").glob("*.pt")) if (d / "violations").exists() else True
+    assert (d / "violations").is_dir() and not list((d / "violations").glob("*.pt"))
 
     rep = overstated[3]
     d = rep.save(tmp_path / "unsound")
@@ -230,3 +230,8 @@ def test_save_writes_all_report_files(positive, overstated, tmp_path):
     v0 = torch.load(d / "violations" / "0000.pt", weights_only=True)
     assert v0["index"] == rep.violations[0]["index"]
     assert torch.equal(v0["x_adv"], rep.violation_tensors[0]["x_adv"])
+
+    # a sound report saved over it leaves no stale violation records behind
+    positive.save(d)
+    assert json.loads((d / "report.json").read_text())["verdict"] == "sound"
+    assert not list((d / "violations").glob("*.pt"))
