@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,11 +50,6 @@ from lipverify.layers.soc import SOC, fast_eval, set_fast_train  # noqa: E402
 from lipverify.layers.soc_fast import Geometry, saved_tensor_bytes  # noqa: E402
 from lipverify.layers.soc_materialize import LayerPlan, materialize  # noqa: E402
 from lipverify.models import LipConvNet  # noqa: E402
-
-# Extension point for the audit workload (time of the ``quick`` audit suite on 100 points):
-# a callable ``(model, x, y) -> None``; left for the audit owner to fill in. Not run otherwise.
-AUDIT_HOOK: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None] | None = None
-
 
 # ------------------------------------------------------------------------------------------
 # the plain baseline
@@ -248,6 +244,59 @@ def bench_train(base: torch.nn.Module, plans: list[LayerPlan], args: argparse.Na
     return res
 
 
+def bench_audit(num_layers: int, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    """The audit workload: the ``quick`` attack suite on ``--audit-points`` points of a
+    LipConvNet at ``--audit-init-channels``, through :func:`lipverify.audits.audit` (attack
+    stage: certify, materialise, attack) against the plain model put through the same attack
+    code. Each variant runs ``--audit-runs`` times (a run takes minutes; default 1)."""
+    import os
+
+    from lipverify.audits import audit
+    from lipverify.audits.attack_audit import attack_audit
+    from lipverify.certificates import certify
+
+    torch.manual_seed(0)
+    model = LipConvNet(num_layers=num_layers, init_channels=args.audit_init_channels).eval()
+    size = model.config["input_size"]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(args.audit_points, 3, size, size, generator=gen)
+    plain = plain_model(model).eval()
+    os.environ["LIPVERIFY_CACHE_DIR"] = str(cache)  # a fresh operator cache: builds are timed
+
+    def run_plain() -> dict[str, Any]:
+        with torch.no_grad():
+            cert = certify(plain, x)
+        res = attack_audit(plain, x, cert.pred, cert.radius, suite="quick", seed=0)
+        return {"attacked": int(res.attacked.sum()), "violations": len(res.violations)}
+
+    def run_fast() -> dict[str, Any]:
+        rep = audit(copy.deepcopy(model), x, checks=("attacks",), attacks="quick", seed=0)
+        return {"attacked": rep.attacks["n_attacked"], "violations": len(rep.violations),
+                "materialize_seconds": rep.provenance.get("materialize_seconds")}
+
+    seconds: dict[str, list[float]] = {"plain": [], "lipverify": []}
+    info: dict[str, Any] = {}
+    for _ in range(args.audit_runs):
+        for name, fn in (("plain", run_plain), ("lipverify", run_fast)):
+            shutil.rmtree(cache / "soc", ignore_errors=True)
+            t0 = time.perf_counter()
+            info[name] = fn()
+            seconds[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    res = {
+        "model": f"LipConvNet-{num_layers}", "init_channels": args.audit_init_channels,
+        "workload": "audit", "points": args.audit_points, "suite": "quick",
+        "runs": args.audit_runs, "seconds": seconds, "median_s": med,
+        "ratio": {"lipverify": med["plain"] / med["lipverify"]}, "details": info,
+    }
+    print(f"LipConvNet-{num_layers:<3d}    audit   quick on {args.audit_points} points, init "
+          f"{args.audit_init_channels}: plain {med['plain']:.1f} s, lipverify "
+          f"{med['lipverify']:.1f} s (materialise {info['lipverify']['materialize_seconds']} s "
+          f"included) x{res['ratio']['lipverify']:.2f}; attacked "
+          f"{info['plain']['attacked']} / {info['lipverify']['attacked']}", flush=True)
+    return res
+
+
 def bench_model(num_layers: int, args: argparse.Namespace, cache: Path) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     name = f"LipConvNet-{num_layers}"
@@ -322,14 +371,7 @@ def bench_model(num_layers: int, args: argparse.Namespace, cache: Path) -> list[
         results.append(bench_train(base, plans, args, gen, common, fmt))
 
     if "audit" in args.workloads:
-        if AUDIT_HOOK is None:
-            print(f"{name:15s} audit   not implemented yet (set bench_soc.AUDIT_HOOK)")
-        else:
-            xa = torch.rand(100, 3, size, size, generator=gen)
-            ya = torch.randint(0, 10, (100,), generator=gen)
-            t0 = time.perf_counter()
-            AUDIT_HOOK(copy.deepcopy(base).eval(), xa, ya)
-            results.append({**common, "workload": "audit", "seconds": time.perf_counter() - t0})
+        results.append(bench_audit(num_layers, args, cache))
     return results
 
 
@@ -349,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack-images", type=float, default=100_000,
                    help="images the attack plan must repay (~1000 steps x 100 points)")
     p.add_argument("--cache-dir", type=Path, help="persistent operator cache (default: fresh)")
-    p.add_argument("--workloads", default="eval,attack,train",
-                   help="also 'audit' (needs AUDIT_HOOK)")
+    p.add_argument("--workloads", default="eval,attack,train,audit",
+                   help="comma-separated subset of eval,attack,train,audit")
+    p.add_argument("--audit-points", type=int, default=100)
+    p.add_argument("--audit-init-channels", type=int, default=16)
+    p.add_argument("--audit-runs", type=int, default=1,
+                   help="runs of the audit workload per variant (each takes minutes)")
     args = p.parse_args(argv)
     if args.quick:
         args.init_channels, args.eval_batch, args.train_batch = 8, 32, 16
+        args.audit_init_channels, args.audit_points = 4, 4
         args.models = args.models if "--models" in (argv or sys.argv) else "5"
     if args.runs < 3:
         p.error("--runs must be at least 3 (the median of at least 3 runs)")

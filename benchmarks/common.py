@@ -146,9 +146,13 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write ``payload`` as JSON atomically (temporary file, then rename)."""
+    from lipverify.atomic import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_jsonable)
+    atomic_write_text(path, text + "\n")
 
 
 def _jsonable(obj: Any) -> Any:
