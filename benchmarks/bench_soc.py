@@ -370,7 +370,7 @@ def bench_model(num_layers: int, args: argparse.Namespace, cache: Path) -> list[
     if "train" in args.workloads:
         results.append(bench_train(base, plans, args, gen, common, fmt))
 
-    if "audit" in args.workloads:
+    if "audit" in args.workloads and num_layers in args.audit_models:
         results.append(bench_audit(num_layers, args, cache))
     return results
 
@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, help="persistent operator cache (default: fresh)")
     p.add_argument("--workloads", default="eval,attack,train,audit",
                    help="comma-separated subset of eval,attack,train,audit")
+    p.add_argument("--audit-models", default="5",
+                   help="depths that also run the audit workload (default 5)")
     p.add_argument("--audit-points", type=int, default=100)
     p.add_argument("--audit-init-channels", type=int, default=16)
     p.add_argument("--audit-runs", type=int, default=1,
@@ -406,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs must be at least 3 (the median of at least 3 runs)")
     setup_threads(args.threads)
     args.workloads = set(args.workloads.split(","))
+    args.audit_models = {int(d) for d in args.audit_models.split(",") if d}
     info = machine_info(args.threads)
     print(f"bench_soc: {info['cpu']}, {args.threads} threads, torch {info['torch']}, load "
           f"{info['load_average_at_start']}", flush=True)
