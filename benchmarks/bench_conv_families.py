@@ -28,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, machine_info, setup_threads, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_timing_arguments,
+    announce,
+    interleaved,
+    save_results,
+)
 
 from lipverify.models import LipConvNet  # noqa: E402
 from lipverify.train import parameter_groups, training_loss  # noqa: E402
@@ -94,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated conv families; the first is the ratio's baseline")
     p.add_argument("--num-layers", type=int, default=5)
     p.add_argument("--init-channels", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=3, help="timed runs (median; at least 3)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--eval-batch", type=int, default=256)
-    p.add_argument("--train-batch", type=int, default=128)
+    add_timing_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.init_channels, args.eval_batch, args.train_batch = 4, 8, 8
@@ -108,15 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.families) - set(FAMILIES)
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; choose from {list(FAMILIES)}")
-    setup_threads(args.threads)
-    info = machine_info(args.threads)
-    print(f"bench_conv_families: {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
-          f"load {info['load_average_at_start']}", flush=True)
-    payload = {"machine": info, "quick": args.quick,
-               "args": {k: str(v) for k, v in vars(args).items()}, "results": run(args)}
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
+    info = announce("bench_conv_families", args.threads)
+    save_results(args.json, info, args, run(args))
     return 0
 
 

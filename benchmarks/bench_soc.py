@@ -44,7 +44,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, machine_info, setup_threads, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_timing_arguments,
+    announce,
+    interleaved,
+    save_results,
+)
 
 from lipverify.layers.soc import SOC, fast_eval, set_fast_train  # noqa: E402
 from lipverify.layers.soc_fast import Geometry, saved_tensor_bytes  # noqa: E402
@@ -381,11 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--models", default="5,20", help="LipConvNet depths (default 5,20)")
     p.add_argument("--init-channels", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=3, help="timed runs (median; at least 3)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--eval-batch", type=int, default=256)
-    p.add_argument("--train-batch", type=int, default=128)
+    add_timing_arguments(p)
     p.add_argument("--eval-images", type=float, default=10_000,
                    help="images the eval plan must repay (a test set)")
     p.add_argument("--attack-images", type=float, default=100_000,
@@ -406,23 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         args.models = args.models if "--models" in (argv or sys.argv) else "5"
     if args.runs < 3:
         p.error("--runs must be at least 3 (the median of at least 3 runs)")
-    setup_threads(args.threads)
     args.workloads = set(args.workloads.split(","))
     args.audit_models = {int(d) for d in args.audit_models.split(",") if d}
-    info = machine_info(args.threads)
-    print(f"bench_soc: {info['cpu']}, {args.threads} threads, torch {info['torch']}, load "
-          f"{info['load_average_at_start']}", flush=True)
+    info = announce("bench_soc", args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="lipverify-bench-") as tmp:
         cache = args.cache_dir or Path(tmp)
         for depth in (int(d) for d in args.models.split(",")):
             results += bench_model(depth, args, cache)
-    payload = {"machine": info, "quick": args.quick, "args": {k: str(v) for k, v in
-                                                                 vars(args).items()},
-               "results": results}
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
+    save_results(args.json, info, args, results)
     return 0
 
 

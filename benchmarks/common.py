@@ -34,6 +34,9 @@ __all__ = [
     "interleaved",
     "machine_info",
     "write_json",
+    "add_timing_arguments",
+    "announce",
+    "save_results",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -161,3 +164,31 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Sequence):
         return list(obj)
     return str(obj)
+
+
+def announce(script: str, threads: int) -> dict[str, Any]:
+    """Set the thread count, print the header line of a benchmark; return the machine info."""
+    setup_threads(threads)
+    info = machine_info(threads)
+    print(f"{script}: {info['cpu']}, {threads} threads, torch {info['torch']}, load "
+          f"{info['load_average_at_start']}", flush=True)
+    return info
+
+
+def save_results(path: str | os.PathLike | None, info: dict[str, Any], args: Any,
+                 results: list[dict[str, Any]]) -> None:
+    """Write the machine info, the arguments and the results as JSON to ``path`` (if given)."""
+    if path:
+        write_json(path, {"machine": info, "quick": args.quick,
+                          "args": {k: str(v) for k, v in vars(args).items()},
+                          "results": results})
+        print(f"wrote {path}")
+
+
+def add_timing_arguments(p: Any) -> None:
+    """The options every benchmark shares: threads, runs, warm-up and batch sizes."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3, help="timed runs (median; at least 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--eval-batch", type=int, default=256)
+    p.add_argument("--train-batch", type=int, default=128)
