@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="report directory (default: a new audits/<name>-<timestamp>)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--tolerance", type=finite_float, default=1e-3)
+    p.add_argument("--lipschitz-points", type=positive_int, default=8, metavar="K",
+                   help="points for the local lower bound and GNP checks (default 8)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted audit in --out")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -173,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = audit(model, x, y, lipschitz=args.lipschitz, attacks=args.attacks,
                        checks=checks, tolerance=args.tolerance, seed=args.seed,
-                       state_dir=out / ".state", progress=progress, provenance=prov)
+                       state_dir=out / ".state", progress=progress, provenance=prov,
+                       lipschitz_points=args.lipschitz_points)
     except LipverifyError:
         if fresh and not any(out.iterdir()):  # refused before any work: leave no empty dir
             out.rmdir()

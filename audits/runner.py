@@ -214,6 +214,7 @@ def audit(
         )).hexdigest(),
         "attacks": attacks, "checks": list(checks), "tolerance": tolerance, "seed": seed,
         "claim": claim, "radius": _tensor_sha(cert.radius),
+        "lipschitz_points": lipschitz_points,
     }, sort_keys=True)
     state = _State(Path(state_dir) if state_dir is not None else None, fingerprint)
 
@@ -225,6 +226,16 @@ def audit(
     violations: list[dict] = []
     violation_tensors: list[dict] = []
     min_adv = torch.full((x.shape[0],), float("inf"))
+    timings: dict[str, float] = {}  # wall seconds per stage, into the provenance
+    stage_start = t_start
+
+    def stage_done(name: str) -> None:
+        nonlocal stage_start
+        now = time.time()
+        timings[f"{name}_seconds"] = round(now - stage_start, 3)
+        stage_start = now
+
+    stage_done("certify")
 
     if "lipschitz" in checks:
         say("bounding the Lipschitz constant")
@@ -241,6 +252,7 @@ def audit(
         layers = lip.get("layers", [])
         lower, upper = lip.get("lower"), lip.get("upper")
         warnings += lip.get("notes", [])
+        stage_done("lipschitz")
 
     if "gnp" in checks:
         say("checking gradient-norm preservation")
@@ -253,10 +265,10 @@ def audit(
             state.save("gnp.pt", g)
         gnp_dict = json.loads(g["json"])
         warnings += gnp_dict.get("warnings", [])
+        stage_done("gnp")
 
     n_attacked = 0
     sanity: list[str] = []
-    timings: dict[str, float] = {}
     if "attacks" in checks:
         from lipverify.audits.attack_audit import attack_audit
 
@@ -300,6 +312,7 @@ def audit(
             "tightness_quantiles": _quantiles(tight),
             "n_with_adversarial": int(found.sum()),
         }
+        stage_done("attacks")
 
     # -- verdict ------------------------------------------------------------------------------
     limit = None if claim is None else claim * (1 + tolerance)

@@ -206,6 +206,8 @@ def test_default_model_is_sound_on_100_points(positive):
     assert lo is not None and up is not None
     assert 0 < lo <= up <= rep.lipschitz_claim * (1 + rep.tolerance)
     assert rep.provenance["n_points"] == 100
+    stages = [rep.provenance[f"{k}_seconds"] for k in ("certify", "lipschitz", "gnp", "attacks")]
+    assert all(t >= 0 for t in stages) and sum(stages) <= rep.provenance["seconds"] + 0.01
 
 
 def test_save_writes_all_report_files(positive, overstated, tmp_path):
