@@ -318,8 +318,10 @@ def load_model(path: str | os.PathLike, **architecture: Any) -> nn.Module:
                 arch = {**architecture_from_reference_config(config), **architecture}
                 _check_architecture(arch, source)
                 _check_fits_state(arch, state, source)
-        return load_soc_reference(payload, _source=source, **architecture)
+        model = load_soc_reference(payload, _source=source, **architecture)
     except LipverifyError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the file holds, it is a bad checkpoint
         raise CheckpointError(f"{source}: unusable reference checkpoint ({_short(e)})") from None
+    model.checkpoint_sha256 = file_sha256(path)  # provenance: what file was audited
+    return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -109,7 +111,11 @@ def test_reference_fixture_reproduces_logits_and_certificates(shared, name: str)
     assert torch.equal(cert.pred, d["pred"])
     assert (cert.radius - d["certificates_pixel_space"]).abs().max().item() < 1e-4
     # load_model recognises the format too, and a state_dict alone works with keywords
-    assert torch.allclose(load_model(path)(x), logits)
+    via_load_model = load_model(path)
+    assert torch.allclose(via_load_model(x), logits)
+    # both entry points record the file's SHA-256 for the audit's provenance
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert m.checkpoint_sha256 == via_load_model.checkpoint_sha256 == sha
     arch = {"activation": d["config"]["activation"], "num_layers": d["config"]["num_layers"],
             "init_channels": d["config"]["init_channels"],
             "num_classes": d["config"]["num_classes"],
