@@ -57,6 +57,7 @@ from lipverify.audits.lipschitz import (
     _gram_eigenvalues,
     _inflate,
     _is_lipconvnet,
+    _lipconvnet_units,
     _own_forward,
     _soc_operator,
     _walk,
@@ -72,7 +73,7 @@ from lipverify.audits.lipschitz import (
 from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
 from lipverify.layers.last import LLN
 from lipverify.layers.soc import SOC, conv_transpose_filter
-from lipverify.models import LipBlock, Normalize
+from lipverify.models import Normalize
 
 __all__ = ["GNPLayer", "GNPResult", "gnp_audit", "jacobian_singular_values_2x2"]
 
@@ -357,17 +358,8 @@ def gnp_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     do not claim GNP (normalization, plain conv/linear, LLN, reshapes); otherwise the leaf
     modules of that kind."""
     if _is_lipconvnet(model):
-        units: list[tuple[str, nn.Module]] = []
-        for s in range(1, 6):
-            for j, blk in enumerate(getattr(model, f"layer{s}")):
-                name = f"layer{s}.{j}"
-                if _own_forward(blk, LipBlock):
-                    units += [(f"{name}.conv", blk.conv), (f"{name}.activation", blk.activation)]
-                else:
-                    units.append((name, blk))
-        if not isinstance(model.last_layer, LLN):
-            units.append(("last_layer", model.last_layer))
-        return units
+        units = _lipconvnet_units(model, "", logits=not isinstance(model.last_layer, LLN))
+        return [(n, m) for n, m in units if n != "normalize"]  # a scaling, not GNP
     units = _walk(model, "")
     if len(units) == 1 and units[0][1] is model and any(model.children()):
         units = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]

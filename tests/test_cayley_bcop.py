@@ -234,11 +234,15 @@ def test_state_dict_keys_match_reference_names():
     assert BCOP(16, 10, kernel_size=1).mask.shape == (0, 1, 16)
 
 
-@pytest.mark.parametrize("kind", ["cayley", "bcop"])
-def test_bad_input_channels(kind: str):
-    layer = LAYERS[kind](3, 6, kernel_size=3)
-    with pytest.raises(ValueError, match="expects 3 input channels"):
+@pytest.mark.parametrize("kind", ["soc", "cayley", "bcop"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bad_input_channels(kind: str, stride: int):
+    """All three families refuse a wrong channel count the same way, naming the layer."""
+    layer = CONV_LAYERS[kind](3, 6, kernel_size=3, stride=stride)
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=f"^{name} expects 3 input channels, got 4$"):
         layer(torch.randn(1, 4, 8, 8))
+    assert layer(torch.randn(1, 3, 8, 8)).shape == (1, 6, 8 // stride, 8 // stride)
 
 
 @functools.cache

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipverify.layers.cayley import _EvalCache, _param_key
-from lipverify.layers.soc import space_to_depth
+from lipverify.layers.soc import space_to_depth_checked
 
 __all__ = ["BCOP", "bjorck", "power_iteration_sigma", "block_orth"]
 
@@ -179,12 +179,7 @@ class BCOP(nn.Module):
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = space_to_depth(x, self.stride)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"BCOP expects {self.in_channels // self.stride**2} input channels, "
-                f"got {x.shape[1] // self.stride**2}"
-            )
+        x = space_to_depth_checked(self, x)
         w = self.conv_filter()
         p = self.kernel_size // 2
         if p:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipverify.layers.soc import space_to_depth
+from lipverify.layers.soc import space_to_depth_checked
 
 __all__ = ["CayleyConv", "CayleyLinear", "cayley"]
 
@@ -176,12 +176,7 @@ class CayleyConv(nn.Module):
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = space_to_depth(x, self.stride)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"CayleyConv expects {self.in_channels // self.stride**2} input channels, "
-                f"got {x.shape[1] // self.stride**2}"
-            )
+        x = space_to_depth_checked(self, x)
         n, m = x.shape[-2:]
         q = self.frequency_matrices(n, m)
         xfft = torch.fft.rfft2(x)

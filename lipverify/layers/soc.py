@@ -54,6 +54,17 @@ def space_to_depth(x: torch.Tensor, stride: int) -> torch.Tensor:
     return x if stride == 1 else F.pixel_unshuffle(x, stride)
 
 
+def space_to_depth_checked(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:func:`space_to_depth` by ``layer.stride``, refusing an input whose channel count is not
+    the layer's (``layer.in_channels`` counts channels after space-to-depth)."""
+    xs = space_to_depth(x, layer.stride)
+    if xs.shape[1] != layer.in_channels:
+        s2 = layer.stride**2
+        raise ValueError(f"{type(layer).__name__} expects {layer.in_channels // s2} input "
+                         f"channels, got {xs.shape[1] // s2}")
+    return xs
+
+
 def conv_transpose_filter(w: torch.Tensor) -> torch.Tensor:
     """Filter of the adjoint convolution (zero padding, odd kernel): swap channels, flip taps."""
     return torch.flip(w.transpose(0, 1), dims=(2, 3))
@@ -252,12 +263,7 @@ class SOC(nn.Module):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Space-to-depth, then zero-pad channels up to ``max_channels``."""
-        x = space_to_depth(x, self.stride)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"SOC expects {self.in_channels // self.stride**2} input channels, "
-                f"got {x.shape[1] // self.stride**2}"
-            )
+        x = space_to_depth_checked(self, x)
         if self.max_channels > self.in_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.max_channels - self.in_channels))
         return x
@@ -349,13 +355,7 @@ class SOC(nn.Module):
         return state
 
     def _s2d(self, x: torch.Tensor) -> torch.Tensor:
-        xs = space_to_depth(x, self.stride)
-        if xs.shape[1] != self.in_channels:
-            raise ValueError(
-                f"SOC expects {self.in_channels // self.stride**2} input channels, "
-                f"got {xs.shape[1] // self.stride**2}"
-            )
-        return xs
+        return space_to_depth_checked(self, x)
 
     def _add_bias(self, z: torch.Tensor) -> torch.Tensor:
         return z if self.bias is None else z + self.bias.view(1, -1, 1, 1)
