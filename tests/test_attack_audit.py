@@ -22,21 +22,7 @@ from lipverify.attacks import SUITES, AttackSpec
 from lipverify.audits.attack_audit import AttackAuditResult, Violation, attack_audit
 from lipverify.errors import InputError
 
-
-def linear_model(c: int, s: int, k: int, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    d = c * s * s
-    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
-    lin = nn.Linear(d, k)
-    with torch.no_grad():
-        lin.weight.copy_(q.T)
-        lin.bias.zero_()
-    return nn.Sequential(nn.Flatten(), lin).eval()
-
-
-def batch(n: int, c: int, s: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return 0.25 + 0.5 * torch.rand(n, c, s, s, generator=g)
+from controls import Rounding, batch, linear_model
 
 
 def recheck(model: nn.Module, v: Violation) -> None:
@@ -145,15 +131,6 @@ def test_wrong_prediction_is_a_violation_at_distance_zero_and_uncertified_points
     assert math.isinf(float(res.min_adv_distance[2])) and math.isnan(float(res.tightness[2]))
     assert res.tightness_quantiles["max"] == math.inf
     assert res.to_dict()["violations"][0]["attack"] == "clean"
-
-
-class Rounding(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.round(x * 255) / 255)
 
 
 def test_sanity_flags_are_recorded_in_eval_mode():

@@ -37,16 +37,7 @@ from lipverify.attacks import (
 )
 from lipverify.errors import InputError
 
-
-def linear_model(c: int, s: int, k: int, scale: float = 1.0, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    d = c * s * s
-    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
-    lin = nn.Linear(d, k)
-    with torch.no_grad():
-        lin.weight.copy_(q.T * scale)
-        lin.bias.zero_()
-    return nn.Sequential(nn.Flatten(), lin).eval()
+from controls import Rounding, batch, linear_model
 
 
 def exact_distance(model: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,11 +46,6 @@ def exact_distance(model: nn.Module, x: torch.Tensor, scale: float) -> torch.Ten
     y = z.argmax(1, keepdim=True)
     gap = (z.gather(1, y) - z).scatter(1, y, float("inf"))
     return gap.min(1).values / (scale * math.sqrt(2.0))
-
-
-def batch(n: int, c: int, s: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return 0.25 + 0.5 * torch.rand(n, c, s, s, generator=g)
 
 
 def norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -331,15 +317,6 @@ def test_attacks_are_seeded_and_leave_rng_and_modes_alone():
 
 
 # --- sanity flags --------------------------------------------------------------------------
-
-
-class Rounding(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.round(x * 255) / 255)
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (3, 16)])

@@ -25,6 +25,8 @@ import lipverify
 from lipverify.audits import audit
 from lipverify.layers.soc import SOC
 
+from controls import Rounding
+
 
 def pixels(n: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -48,17 +50,6 @@ class Scaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.factor * self.net(x)
-
-
-class Rounding(nn.Module):
-    """Quantises its input to 8 bits, then ``net``: piecewise constant (zero gradients)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 255) / 255)
 
 
 @pytest.fixture(scope="module")
