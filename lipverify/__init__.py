@@ -24,6 +24,8 @@ _LAZY = {
     "LipverifyError": "lipverify.errors",
     "InputError": "lipverify.errors",
     "CheckpointError": "lipverify.errors",
+    "fast": "lipverify.fast",
+    "FastModule": "lipverify.fast",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
