@@ -36,6 +36,15 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def mutation(session: nox.Session) -> None:
+    """Soundness mutants (tests/mutation/mutants.py) planted one at a time in scratch copies of
+    the tree; fails if the tests named for a mutant do not all catch it. Not part of ``tests``.
+    Mutant names after ``--`` run only those."""
+    _install(session)
+    session.run("python", "tests/mutation/run.py", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the three packages, tests, benchmarks and this file."""
     session.install("ruff")
