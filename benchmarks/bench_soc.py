@@ -18,7 +18,7 @@ Each workload runs the variants interleaved, median of ``--runs`` (>= 3) after a
 the bytes saved for backward (``saved_tensors_hooks``; total and per image), the ratio to the
 baseline and the FLOP-count ceiling of the method (plain MAC / fast MAC).
 
-    python benchmarks/bench_soc.py [--quick] [--json results.json] [--models 5,20]
+    python benchmarks/bench_soc.py [--quick] [--json results.json] [--models 5,20] [--device cuda]
 
 ``--quick`` checks that the script runs (init_channels 8, small batches); its numbers mean
 nothing. Operators are cached in a fresh temporary folder unless ``--cache-dir`` is given.
@@ -212,8 +212,8 @@ def bench_train(base: torch.nn.Module, plans: list[LayerPlan], args: argparse.Na
     """Train step at ``--train-batch``: plain, exact (lean backward) and fast_train."""
     size = base.config["input_size"]
     batch = args.train_batch
-    x = torch.rand(batch, 3, size, size, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(args.device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(args.device)
     models = {"plain": plain_model(base).train(), "exact": copy.deepcopy(base).train(),
               "fast_train": copy.deepcopy(base).train()}
     set_fast_train(models["fast_train"])
@@ -306,6 +306,7 @@ def bench_model(num_layers: int, args: argparse.Namespace, cache: Path) -> list[
     torch.manual_seed(0)
     name = f"LipConvNet-{num_layers}"
     base = LipConvNet(num_layers=num_layers, init_channels=args.init_channels).eval()
+    base = base.to(args.device)
     size = base.config["input_size"]
     gen = torch.Generator().manual_seed(1)
     results = []
@@ -330,8 +331,8 @@ def bench_model(num_layers: int, args: argparse.Namespace, cache: Path) -> list[
     ):
         if workload not in args.workloads:
             continue
-        x = torch.rand(batch, 3, size, size, generator=gen)
-        y = torch.randint(0, 10, (batch,), generator=gen)
+        x = torch.rand(batch, 3, size, size, generator=gen).to(args.device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(args.device)
         plain = plain_model(base).eval()
         fast = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -400,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit-init-channels", type=int, default=16)
     p.add_argument("--audit-runs", type=int, default=1,
                    help="runs of the audit workload per variant (each takes minutes)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: models and batches of the eval, attack and "
+                        "train workloads live there (timings synchronise CUDA); the audit "
+                        "workload stays on the CPU")
     args = p.parse_args(argv)
     if args.quick:
         args.init_channels, args.eval_batch, args.train_batch = 8, 32, 16
@@ -408,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 3:
         p.error("--runs must be at least 3 (the median of at least 3 runs)")
     args.workloads = set(args.workloads.split(","))
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is available")
     args.audit_models = {int(d) for d in args.audit_models.split(",") if d}
     info = announce("bench_soc", args.threads)
     results = []

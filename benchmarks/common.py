@@ -96,11 +96,20 @@ class PeakRSS:
         self.peak = self._max - self.start
 
 
+def _cuda_sync() -> None:
+    """Wait for queued CUDA work (a no-op unless this process has used CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure(fn: Callable[[], Any]) -> tuple[float, int]:
-    """(seconds, peak extra RSS bytes) of one call."""
+    """(seconds, peak extra RSS bytes) of one call; CUDA work the call queued is waited for
+    inside the timed span."""
+    _cuda_sync()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         fn()
+        _cuda_sync()
         seconds = time.perf_counter() - t0
     return seconds, mem.peak
 
@@ -109,17 +118,26 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int = 3, warmup: int = 
                 items: int = 1) -> dict[str, dict[str, Any]]:
     """Time several variants alternately (run r of each before run r+1 of any), so a busy
     machine slows them alike. Returns per variant: median seconds, items/s, all runs, peak
-    extra RSS (MiB, max over runs)."""
+    extra RSS (MiB, max over runs) and, once CUDA is in use, peak extra CUDA memory."""
     if runs < 3:
         raise ValueError("take the median of at least 3 runs")
     times: dict[str, list[float]] = {k: [] for k in fns}
     peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    cuda_peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     for r in range(warmup + runs):
         for name, fn in fns.items():
+            if on_cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             seconds, peak = measure(fn)
             if r >= warmup:
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak)
+                if on_cuda:
+                    cuda_peaks[name] = max(cuda_peaks[name],
+                                           torch.cuda.max_memory_allocated() - base)
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -127,6 +145,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int = 3, warmup: int = 
             "median_s": med, "runs_s": ts, "items_per_s": items / med,
             "peak_rss_mib": peaks[name] / 2**20,
         }
+        if on_cuda:  # extra GPU memory of the call (torch's allocator)
+            out[name]["peak_cuda_mib"] = cuda_peaks[name] / 2**20
     return out
 
 
@@ -143,6 +163,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "load_average_at_start": load,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": list(sys.argv),
     }
