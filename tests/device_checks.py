@@ -284,5 +284,5 @@ def amp_check(tmp: Path, device: str) -> dict[str, Any]:
         "train_loss": (run_metrics(tmp / "amp")[0]["train_loss"],
                        run_metrics(tmp / "fp32")[0]["train_loss"]),
         "weights_error": compare_runs(tmp / "amp", tmp / "fp32").errors["weights"],
-        "log": runs["amp"].stderr[-2000:],
+        "log": (runs["amp"].stdout + runs["amp"].stderr)[-4000:],
     }
