@@ -1,10 +1,11 @@
 """Mutation check of the soundness tests: ``python tests/mutation/run.py [NAME ...]``.
 
-For each mutant of :mod:`mutants` (all, or those named): copy the working tree (``git ls-files``:
-tracked and untracked-but-not-ignored files) to a scratch directory, apply the mutant's exact
-text replacements, run its tests there with pytest, and record *killed* (every named test
-fails somewhere) or *survived*. Exit status 1 if any mutant survives, is only partly caught,
-or cannot be run (a snippet not found exactly once, a collection error, a timeout).
+The working tree (``git ls-files``: tracked and untracked-but-not-ignored files) is copied once
+to a scratch snapshot. For each mutant of :mod:`mutants` (all, or those named): copy the
+snapshot, apply the mutant's exact text replacements, run its tests there with pytest, and
+record *killed* (every named test fails somewhere) or *survived*. Exit status 1 if any mutant
+survives, is only partly caught, or cannot be run (a snippet not found exactly once, a
+collection error, a timeout).
 
 Isolation: the scratch copy is what the tests import, whatever is installed (an editable
 install points at the original checkout). The child process puts the copy first on
@@ -60,7 +61,10 @@ def tree_files(root: Path) -> list[str]:
     return [f for f in out.decode().split("\0") if f and (root / f).is_file()]
 
 
-def make_copy(dest: Path, files: list[str]) -> Path:
+def snapshot(dest: Path, files: list[str]) -> Path:
+    """Copy ``files`` of the working tree once: every run starts from this same snapshot, even
+    if the tree changes meanwhile. ``lipverify/audits`` and ``lipverify/attacks`` become links
+    to their directories, as the package mapping has them."""
     for f in files:
         target = dest / f
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,11 @@ def make_copy(dest: Path, files: list[str]) -> Path:
         link = dest / "lipverify" / sub
         if not link.exists():
             link.symlink_to(Path("..") / directory, target_is_directory=True)
+    return dest
+
+
+def make_copy(snap: Path, dest: Path) -> Path:
+    shutil.copytree(snap, dest, symlinks=True)
     return dest
 
 
@@ -213,14 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="lipverify-mutation-"))
     rows: list[tuple[str, str, float, str]] = []
     try:
-        files = tree_files(ROOT)
+        snap = snapshot(scratch / "snapshot", tree_files(ROOT))
         # every snippet must be found exactly once before anything runs
         for m in chosen:
             probe = scratch / "probe"
             for e in m.edits:
                 (probe / e.path).parent.mkdir(parents=True, exist_ok=True)
-                if (ROOT / e.path).is_file():
-                    shutil.copy2(ROOT / e.path, probe / e.path)
+                if (snap / e.path).is_file():
+                    shutil.copy2(snap / e.path, probe / e.path)
             for e in m.edits:
                 try:
                     apply_edit(probe, e)
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(probe)
         tests = sorted({t for m in chosen for t in m.tests})
         # canary: the copy, not the installed checkout, is what gets imported
-        canary = make_copy(scratch / "canary" / "repo", files)
+        canary = make_copy(snap, scratch / "canary" / "repo")
         for f in CANARY_FILES:
             with open(canary / f, "a") as fh:
                 fh.write(f"\n{CANARY} = 'scratch'\n")
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             raise MutationError(f"canary not seen: {rows[-1][3]}")
         # baseline: the named tests pass on the unmutated copy
-        base = make_copy(scratch / "baseline" / "repo", files)
+        base = make_copy(snap, scratch / "baseline" / "repo")
         t = time.time()
         rep = run_child(base, "baseline", tests, opts.timeout)
         bad = rep.get("timeout") or rep["exit"] != 0
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MutationError("the named tests fail without any mutant:\n"
                                 + rep.get("output", "timeout"))
         for m in chosen:
-            copy = make_copy(scratch / m.name / "repo", files)
+            copy = make_copy(snap, scratch / m.name / "repo")
             for e in m.edits:
                 apply_edit(copy, e)
             t = time.time()
