@@ -10,7 +10,10 @@ the smallest adversarial perturbation they find. A *violation* is an x' with
 re-checked independently in float64 (a float64 deep copy of the model): only
 float64-confirmed candidates are reported; float32-only candidates are counted
 (``unconfirmed``). The clean input itself is checked first (x' = x, distance 0): a
-certifier whose ``pred`` is not the model's float64 argmax is refuted there.
+certifier whose ``pred`` is not the model's float64 argmax is refuted there. A model that
+does not run in float64 (:func:`lipverify.audits.twin.float64_twin` refuses its copy) is
+re-checked in its own dtype instead, and ``settings["recheck"]`` says so: such violations are
+not float64 proofs, and the verdict does not treat them as proofs.
 
 Per-sample eps: APGD-CE, APGD-T and FAB-T run at each sample's own eps; Square and the
 original ``autoattack`` package take one eps per call, so samples are grouped with
@@ -23,12 +26,12 @@ boundary, so tightness is a lower bound on r / (true distance); tightness > 1 / 
 would be a violation.
 
 Guarantee: attacks can only refute (every reported violation is a float64-checked
-counterexample); finding none proves nothing about the certificates.
+counterexample, unless ``settings["recheck"]`` names another dtype); finding none proves
+nothing about the certificates.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import math
 import time
@@ -40,6 +43,7 @@ from torch import nn
 
 from lipverify.attacks import AttackSpec, autoattack_backend, run_attack, sanity_flags, suite_specs
 from lipverify.attacks._util import eval_mode, l2_norms, num_classes, rounding_slack
+from lipverify.audits.twin import float64_twin
 from lipverify.errors import InputError, check_images, check_labels
 
 __all__ = ["Violation", "AttackAuditResult", "attack_audit", "TIGHTNESS_QUANTILES"]
@@ -138,6 +142,8 @@ class _Recorder:
 
     def __init__(self, model, model64, x, pred, radius, tolerance):
         self.model, self.model64 = model, model64
+        self.recheck_dtype = (torch.float64 if model64 is not model else
+                              next((p.dtype for p in model.parameters()), x.dtype))
         self.x, self.pred = x, pred
         self.radius = radius
         self.bound = radius * (1.0 - tolerance)
@@ -158,7 +164,7 @@ class _Recorder:
         xa = x_adv[keep.to(x_adv.device)].detach()
         x0 = self.x[rows.to(self.x.device)]
         dev = x0.device
-        logits64 = self.model64(xa.double())
+        logits64 = self.model64(xa.to(self.recheck_dtype)).double()
         adv64 = (logits64.argmax(1) != self.pred[rows].to(dev)).cpu()
         dist = l2_norms(xa.double() - x0.double()).cpu()
         inbox = ((xa >= 0).flatten(1).all(1) & (xa <= 1).flatten(1).all(1)).cpu()
@@ -224,12 +230,10 @@ def attack_audit(
         k = num_classes(model, x)
         pred = check_labels(torch.as_tensor(pred).detach().cpu(), n, k)
         specs = tuple(s.for_classes(k) for s in specs)
-        try:
-            model64 = copy.deepcopy(model).double().eval()
-        except Exception as e:  # noqa: BLE001 - report which step failed, in one line
-            raise InputError(
-                f"cannot make a float64 copy of the model for the re-check ({e})"
-            ) from None
+        model64, why = float64_twin(model, x[:1])
+        recheck = "float64 deep copy of the model"
+        if model64 is None:  # refused, not a crash: violations are then not float64 proofs
+            model64, recheck = model, f"the model's own dtype ({why})"
         flags = sanity_flags(model, x[:batch_size], seed=seed)
 
         rec = _Recorder(model, model64, x, pred, radius, float(tolerance))
@@ -271,7 +275,7 @@ def attack_audit(
         "eps_margin": EPS_MARGIN,
         "num_classes": k,
         "target": "model prediction",
-        "recheck": "float64 deep copy of the model",
+        "recheck": recheck,
         "sanity_mode": "eval",
         "libraries": _versions(),
     }

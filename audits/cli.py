@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audit any nn.Module built by FACTORY() (needs --lipschitz unless the "
                         "module declares lipschitz_claim)")
     p.add_argument("--lipschitz", type=finite_float, metavar="L",
-                   help="claimed Lipschitz bound of the logit map (overrides the model's claim)")
+                   help="claimed Lipschitz bound (overrides the model's claim) of the map the "
+                        "certificate formula uses: the logits (pixels -> logits) for 'ortho' "
+                        "certificates, the default for any model; the features "
+                        "(model.features) for a model declaring certificate_kind = 'lln'")
     p.add_argument("--dataset", help="digits, cifar10, cifar100, imagefolder, synthetic "
                    "(default: digits for the built-in model)")
     p.add_argument("--data-dir")
@@ -83,7 +86,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[Any, str, dict, str | None]
             raise InputError(f"{args.model}() returned a {type(model).__name__}, "
                              "not a torch.nn.Module")
         if args.lipschitz is None and not hasattr(model, "lipschitz_claim"):
-            raise InputError("--model needs --lipschitz L (the bound claimed for its logits)")
+            raise InputError("--model needs --lipschitz L (the bound claimed for its logits, or "
+                             "its features when it declares certificate_kind = 'lln')")
         return model, fn_name, {"factory": args.model, "lipschitz": args.lipschitz}, None
     if args.checkpoint:
         from lipverify.checkpoints import load_model

@@ -67,14 +67,16 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipverify.audits.catalogue import catalogue_bound
+from lipverify.audits.coverage import repeated_application, torch_type, unseen_code
+from lipverify.audits.twin import float64_twin
 from lipverify.errors import InputError
-from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
 from lipverify.layers.last import LLN
 from lipverify.layers.soc import SOC, conv_transpose_filter
 from lipverify.models import LipBlock, LipConvNet, Normalize
@@ -117,8 +119,6 @@ LOWER_SAFETY = 1e-7
 """Relative deflation of every reported lower bound: absorbs float64 rounding in the
 difference quotients (steps of at least 1e-4 in l2; measured rounding below 1e-9 relative)."""
 
-_PAIR_ACTIVATIONS = (MaxMin, HouseholderOrder1, HouseholderOrder2)
-_ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus)
 _ISOMETRIES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 
 
@@ -144,6 +144,10 @@ class LipschitzResult:
     ``upper`` is a guaranteed upper bound (``None`` if unknown); ``lower`` the best attained
     ratio (a genuine lower bound); ``lower_by_method`` maps ``"local_power"``,
     ``"global_ascent"`` and ``"random_pairs"`` to their attained ratios.
+    ``refusals`` say why there is no upper bound (empty when there is one);
+    ``auditor_errors`` name every unit (or the whole map) whose attained lower bound exceeds
+    its guaranteed upper bound: a proof that the auditor is wrong about this model.
+    ``lower_dtype`` is the dtype the whole-model lower bounds were recomputed in.
     """
 
     layers: list[LayerBound]
@@ -154,6 +158,9 @@ class LipschitzResult:
     map: str = "logits"
     points: int = 0
     safety_margin: float = SAFETY
+    refusals: list[str] = field(default_factory=list)
+    auditor_errors: list[str] = field(default_factory=list)
+    lower_dtype: str = "float64"
 
     def to_dict(self) -> dict:
         return {
@@ -166,6 +173,9 @@ class LipschitzResult:
             "points": self.points,
             "upper_safety_margin": self.safety_margin,
             "lower_safety_margin": LOWER_SAFETY,
+            "refusals": list(self.refusals),
+            "auditor_errors": list(self.auditor_errors),
+            "lower_dtype": self.lower_dtype,
         }
 
 
@@ -438,7 +448,7 @@ def _linear_matrix(layer: nn.Module) -> torch.Tensor | None:
             return layer.orthogonal_weight().detach().to(torch.float64)
         if _own_forward(layer, LLN):
             return layer.normalized_weight().detach().to(torch.float64)
-        if type(layer) is nn.Linear:
+        if torch_type(layer) is nn.Linear:
             return layer.weight.detach().to(torch.float64)
     return None
 
@@ -447,7 +457,7 @@ def _is_linear_layer(layer: nn.Module) -> bool:
     """Layers whose eval-mode map is affine, so their Jacobian is the operator the bound covers."""
     if isinstance(layer, _ISOMETRIES) or _own_forward(layer, (SOC, Normalize, LLN)):
         return True
-    if type(layer) in (nn.Linear, nn.Conv2d):
+    if torch_type(layer) in (nn.Linear, nn.Conv2d):
         return True
     if type(layer) is nn.BatchNorm2d and layer.track_running_stats:
         return True
@@ -460,20 +470,9 @@ def _is_linear_layer(layer: nn.Module) -> bool:
 # per-layer upper bounds
 
 
-def _constant_bound(layer: nn.Module) -> tuple[float, str] | None:
-    if _own_forward(layer, _PAIR_ACTIVATIONS):
-        return 1.0, "exact: piecewise-orthogonal pair activation"
-    if type(layer) in _ONE_LIPSCHITZ:
-        return 1.0, "exact: 1-Lipschitz activation"
-    if type(layer) is nn.LeakyReLU:
-        return max(1.0, abs(float(layer.negative_slope))), "exact: max(1, |slope|)"
-    if type(layer) is nn.ELU:
-        return max(1.0, abs(float(layer.alpha))), "upper: max(1, |alpha|)"
-    if type(layer) is nn.Sigmoid:
-        return 0.25, "exact: sigmoid' <= 1/4"
-    if type(layer) in _ISOMETRIES:
-        return 1.0, "exact: isometry (eval mode)"
-    return None
+def _constant_bound(layer: nn.Module) -> tuple[float | None, str] | None:
+    """The catalogue's bound (:mod:`lipverify.audits.catalogue`), with its condition checked."""
+    return catalogue_bound(layer)
 
 
 def _soc_upper(layer: SOC, shape: Sequence[int], exact_max_dim: int) -> tuple[float, str]:
@@ -565,7 +564,8 @@ def _upper(layer: nn.Module, shape: Sequence[int], exact_max_dim: int) -> tuple:
     if _own_forward(layer, Normalize):
         std = layer.std.detach().to(torch.float64)
         return _inflate(float(1.0 / std.abs().min())), "exact: 1/min(std)"
-    if hasattr(layer, "orthogonal_weight") or _own_forward(layer, LLN) or type(layer) is nn.Linear:
+    if (hasattr(layer, "orthogonal_weight") or _own_forward(layer, LLN)
+            or torch_type(layer) is nn.Linear):
         mat = _linear_matrix(layer)
         return _inflate(dense_spectral_norm(mat)), (
             f"exact: float64 SVD of the {mat.shape[0]}x{mat.shape[1]} weight as applied"
@@ -595,10 +595,13 @@ def _upper(layer: nn.Module, shape: Sequence[int], exact_max_dim: int) -> tuple:
         )
     if _own_forward(layer, SOC):
         return _soc_upper(layer, shape, exact_max_dim)
-    if type(layer) is nn.Conv2d:
+    if torch_type(layer) is nn.Conv2d:
         return _conv2d_upper(layer, shape, exact_max_dim)
     if type(layer) is nn.BatchNorm2d and layer.track_running_stats:
-        scale = 1.0 / torch.sqrt(layer.running_var.detach().double() + layer.eps)
+        var = layer.running_var.detach().double() + float(layer.eps)
+        if not bool((var > 0).all()) or not math.isfinite(float(layer.eps)):
+            return None, "no bound: BatchNorm2d needs running_var + eps > 0 and finite"
+        scale = 1.0 / torch.sqrt(var)
         if layer.weight is not None:
             scale = scale * layer.weight.detach().double()
         return _inflate(float(scale.abs().max())), "exact: max |gamma| / sqrt(var + eps)"
@@ -944,8 +947,9 @@ def _walk(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     """Composition units of a module the audit can follow (Sequential, LipBlock, LipConvNet)."""
     if type(module) is nn.Sequential:
         out: list[tuple[str, nn.Module]] = []
-        for name, child in module.named_children():
-            out += _walk(child, f"{prefix}{name}.")
+        for name, child in module._modules.items():  # not named_children(): it drops repeats
+            if child is not None:
+                out += _walk(child, f"{prefix}{name}.")
         return out
     if _own_forward(module, LipBlock):
         return [(f"{prefix}conv", module.conv), (f"{prefix}activation", module.activation)]
@@ -973,7 +977,7 @@ def _upper_known_type(layer: nn.Module) -> bool:
     return (
         _constant_bound(layer) is not None
         or _own_forward(layer, (Normalize, LLN, SOC))
-        or type(layer) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+        or torch_type(layer) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
         or any(hasattr(layer, a) for a in ("orthogonal_weight", "frequency_matrices"))
         or (hasattr(layer, "conv_filter") and getattr(layer, "padding_mode", "") == "circular")
     )
@@ -1161,11 +1165,15 @@ def lipschitz_audit(
     map = resolve_map(model, map)
     gen = _generator(seed)
     notes: list[str] = []
+    refusals: list[str] = unseen_code(model)  # before record_inputs adds its own hooks
     xs = x[:max_points].detach()
     with eval_mode(model, freeze=True):
         f32 = _claimed_map(model, map)
         units, known = composition(model, map)
         inputs = record_inputs(f32, xs[:1], [m for _, m in units])
+        if known:
+            refusals += repeated_application(
+                units, {k: len(v) for k, v in inputs.items()}, [m for _, m in units])
         calls: dict[int, int] = {}
         layers: list[LayerBound] = []
         for i, (name, layer) in enumerate(units):
@@ -1175,17 +1183,13 @@ def lipschitz_audit(
             kind = type(layer).__name__
             if k >= len(seen):
                 layers.append(LayerBound(name, kind, None, None, "not called by the map"))
-                if known:
-                    notes.append(f"{name}: not called on the claimed map; no upper bound")
                 continue
             shape = tuple(seen[k].shape[1:])
             ub, method = layer_upper_bound(layer, shape, exact_max_dim=exact_max_dim)
             lb = layer_lower_bound(layer, shape, iters=power_iters, seed=seed + 1 + i)
-            if ub is not None and lb > ub:  # impossible unless a bound is wrong: say so
-                notes.append(f"{name}: lower bound {lb:.6g} exceeds upper bound {ub:.6g}")
             layers.append(LayerBound(name, kind, ub, lb, method))
             if ub is None and known:
-                notes.append(f"{name} ({kind}): {method}")
+                refusals.append(f"{name} ({kind}): {method}")
             elif ub is not None and not math.isfinite(ub):
                 notes.append(f"{name} ({kind}): infinite upper bound ({method})")
             elif ub is not None and _own_forward(layer, SOC) and ub > 1 + 1e-3:
@@ -1196,18 +1200,22 @@ def lipschitz_audit(
                     "negative sigma, or too few Taylor terms)"
                 )
         if not known:
-            notes.append("the claimed map is not a composition the audit can follow "
-                         "(custom forward); per-layer bounds are informational, no upper bound")
+            refusals.append("the claimed map is not a composition the audit can follow "
+                            "(custom forward); per-layer bounds are informational")
         upper: float | None = None
-        if known and units and all(layer.upper is not None for layer in layers):
+        if known and units and not refusals and all(lb.upper is not None for lb in layers):
             upper = 1.0
             for layer in layers:
                 upper *= float(layer.upper)
             upper = math.inf if math.isnan(upper) else upper
 
-        f64_module = _float64_copy(model)
+        f64_module, why = float64_twin(model, xs[:1], call=lambda m, z: _claimed_map(m, map)(z))
+        lower_dtype = "float64"
         if f64_module is None:
-            notes.append("no float64 copy of the model: lower bounds evaluated in its dtype")
+            lower_dtype = str(next((t.dtype for t in _tensors(f32)), xs.dtype)).replace(
+                "torch.", "")
+            notes.append(f"{why}: lower bounds evaluated in the model's own dtype "
+                         f"({lower_dtype})")
             f64 = f32
         else:
             f64 = _claimed_map(f64_module, map)
@@ -1217,7 +1225,14 @@ def lipschitz_audit(
         lower_by["random_pairs"] = _random_pairs(f32, f64, xs, gen)
     lower_by = {k: v * (1 - LOWER_SAFETY) for k, v in lower_by.items()}
     lower = max(lower_by.values())
+    errors = [f"{lb.name}: attained lower bound {lb.lower:.9g} > guaranteed upper bound "
+              f"{lb.upper:.9g}" for lb in layers
+              if lb.upper is not None and lb.lower is not None and lb.lower > lb.upper]
+    if upper is not None and lower > upper:
+        errors.append(f"the {map} map: attained lower bound {lower:.9g} > guaranteed upper "
+                      f"bound {upper:.9g}")
     return LipschitzResult(
         layers=layers, upper=upper, lower=lower, lower_by_method=lower_by, notes=notes,
-        map=map, points=int(xs.shape[0]),
+        map=map, points=int(xs.shape[0]), refusals=refusals, auditor_errors=errors,
+        lower_dtype=lower_dtype,
     )

@@ -54,6 +54,7 @@ class AuditReport:
     samples: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     violation_tensors: list[dict] = field(default_factory=list, repr=False)
+    certificate_violations: list[dict] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -71,6 +72,7 @@ class AuditReport:
             "layers": self.layers,
             "certified_accuracy": self.certified_accuracy,
             "violations": self.violations,
+            "certificate_violations": self.certificate_violations,
             "gnp": self.gnp,
             "attacks": self.attacks,
             "warnings": self.warnings,
@@ -100,9 +102,16 @@ class AuditReport:
             f"upper bound (guaranteed): {_fmt(self.lipschitz_upper)}",
             f"clean accuracy: {_pct(ca.get('clean_accuracy'))}",
         ]
+        claimed = ca.get("claimed_certified_accuracy", {})
         for r, v in ca.get("certified_accuracy", {}).items():
-            lines.append(f"certified accuracy at r={r}: {_pct(v)}")
+            extra = f" (claimed radii: {_pct(claimed[r])})" if r in claimed else ""
+            lines.append(f"certified accuracy at r={r}: {_pct(v)}{extra}")
+        if ca.get("promise"):
+            lines.append(f"  ({ca['promise']})")
         lines.append(f"violations: {len(self.violations)}")
+        if self.certificate_violations:
+            lines.append(f"certifier radii beyond the guaranteed bound: "
+                         f"{len(self.certificate_violations)}")
         if self.attacks:
             q = self.attacks.get("tightness_quantiles") or {}
             if q:
@@ -139,10 +148,21 @@ class AuditReport:
                 for lb in self.layers
             ]
             md.append("")
-        md += ["## Certified accuracy", "", "| radius | fraction |", "|---|---|",
-               f"| clean | {_pct(ca.get('clean_accuracy'))} |"]
-        md += [f"| {r} | {_pct(v)} |" for r, v in ca.get("certified_accuracy", {}).items()]
+        claimed = ca.get("claimed_certified_accuracy", {})
+        md += ["## Certified accuracy", "", "| radius | vouched (r / (1 + τ)) | claimed |",
+               "|---|---|---|", f"| clean | {_pct(ca.get('clean_accuracy'))} | |"]
+        md += [f"| {r} | {_pct(v)} | {_pct(claimed.get(r))} |"
+               for r, v in ca.get("certified_accuracy", {}).items()]
+        if ca.get("promise"):
+            md += ["", ca["promise"]]
         md.append("")
+        if self.certificate_violations:
+            md += ["## Certifier radii beyond the guaranteed bound", "",
+                   "| index | radius | supported radius | pred | model pred |",
+                   "|---|---|---|---|---|"]
+            md += [f"| {v['index']} | {_fmt(v['radius'])} | {_fmt(v['supported_radius'])} | "
+                   f"{v['pred']} | {v['model_pred']} |" for v in self.certificate_violations]
+            md.append("")
         if self.gnp:
             md += ["## Gradient-norm preservation", "",
                    f"worst deviation of a singular value from 1: "

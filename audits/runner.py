@@ -31,7 +31,8 @@ from torch import nn
 
 from lipverify.atomic import atomic_write_bytes, atomic_write_text
 from lipverify.audits.report import AuditReport
-from lipverify.certificates import DEFAULT_RADII, certified_accuracy, certify, claim_of
+from lipverify.audits.verdict import certifier_violations, decide, vouched_accuracy
+from lipverify.certificates import DEFAULT_RADII, certificate_kind_of, certify, claim_of
 from lipverify.errors import InputError, check_labels, check_model_images, check_seed
 
 __all__ = ["audit", "ATTACK_CHUNK", "CHECKS"]
@@ -178,15 +179,15 @@ def audit(
     t_start = time.time()
     model.eval()
     check_model_images(model, x)
-    claim, kind = None, getattr(model, "certificate_kind", "ortho")
+    # One decision on the certificate formula, shared with certify(): the model's declared
+    # kind (default "ortho"); the claim covers that kind's map (logits or features).
+    claim, kind = None, certificate_kind_of(model)
     if certifier is None or lipschitz is not None or hasattr(model, "lipschitz_claim"):
         try:
             claim, kind = claim_of(model, lipschitz)
         except InputError:
             if certifier is None:
                 raise
-    if lipschitz is not None and not hasattr(model, "lipschitz_claim"):
-        kind = "ortho"
 
     say("certifying")
     if certifier is not None:
@@ -205,7 +206,10 @@ def audit(
         cert = certify(model, x, lipschitz)
     if y is not None:
         y = check_labels(y, x.shape[0], cert.logits.shape[1])
-    acc = certified_accuracy(model, x, y, radii, certificates=cert)
+    # Non-finite logits or radii certify nothing and are not attacked; they block "sound".
+    finite = torch.isfinite(cert.logits).all(1).cpu() & torch.isfinite(cert.radius).cpu()
+    attack_radius = torch.where(finite, cert.radius.cpu(), torch.zeros_like(cert.radius.cpu()))
+    acc = vouched_accuracy(cert, y, radii, tolerance)
 
     fingerprint = json.dumps({
         "x": _tensor_sha(x), "y": None if y is None else _tensor_sha(y),
@@ -252,6 +256,7 @@ def audit(
         layers = lip.get("layers", [])
         lower, upper = lip.get("lower"), lip.get("upper")
         warnings += lip.get("notes", [])
+        warnings += [f"no upper bound: {r}" for r in lip.get("refusals", [])]
         stage_done("lipschitz")
 
     if "gnp" in checks:
@@ -280,8 +285,9 @@ def audit(
                 say(f"attacking chunk {c + 1}/{n_chunks}")
                 chunk = state.load(f"attacks-{c:05d}.pt", _CHUNK_KEYS)
                 if chunk is None:
-                    res = attack_audit(model, x[sl], cert.pred[sl], cert.radius[sl], suite=attacks,
-                                       tolerance=tolerance, seed=seed * 100_003 + c)
+                    res = attack_audit(model, x[sl], cert.pred[sl], attack_radius[sl],
+                                       suite=attacks, tolerance=tolerance,
+                                       seed=seed * 100_003 + c)
                     rows = [_violation_record(v, sl.start) for v in res.violations]
                     chunk = {
                         "rows": json.dumps([r for r, _ in rows]),
@@ -315,42 +321,22 @@ def audit(
         stage_done("attacks")
 
     # -- verdict ------------------------------------------------------------------------------
-    limit = None if claim is None else claim * (1 + tolerance)
-    unsound = False
-    if violations:
-        unsound = True
-        reasons.append(f"attacks: {len(violations)} float64-confirmed violation(s) inside "
-                       f"certified radii (caught by {sorted({v['attack'] for v in violations})})")
-    if limit is not None and lower is not None and lower > limit:
-        unsound = True
-        reasons.append(f"lipschitz: attained lower bound {lower:.6g} exceeds the claim "
-                       f"{claim:.6g} x (1 + {tolerance:g})")
-    if unsound:
-        verdict = "unsound"
-    else:
-        blockers = []
-        if "lipschitz" not in checks:
-            blockers.append("no Lipschitz check was run, so no guaranteed upper bound")
-        elif claim is None:
-            blockers.append("no Lipschitz bound is claimed to compare against")
-        elif upper is None:
-            blockers.append("no guaranteed upper bound is available for some layer")
-        elif upper > limit:
-            blockers.append(f"lipschitz: guaranteed upper bound {upper:.6g} exceeds the claim "
-                            f"{claim:.6g} x (1 + {tolerance:g}), but no counterexample was found")
-        if "attacks" in checks and n_attacked == 0:
-            blockers.append("attacks: no certified point was attacked")
-        if sanity:
-            blockers.append(f"sanity flags raised: {', '.join(sanity)}")
-        if blockers:
-            verdict = "inconclusive"
-            reasons += blockers
-        else:
-            verdict = "sound"
-            reasons.append(f"lipschitz: guaranteed upper bound {upper:.6g} <= claim {claim:.6g}"
-                           f" x (1 + {tolerance:g})")
-            if "attacks" in checks:
-                reasons.append(f"attacks: no violation on {n_attacked} certified point(s)")
+    lip_refusals = list(lip.get("refusals", [])) if "lipschitz" in checks else []
+    auditor_errors = list(lip.get("auditor_errors", [])) if "lipschitz" in checks else []
+    cert_violations = (
+        certifier_violations(model, cert, kind, upper, tolerance)
+        if certifier is not None and claim is not None and upper is not None else []
+    )
+    recheck = (attack_dict or {}).get("settings", {}).get("recheck", "float64")
+    verdict, verdict_reasons = decide(
+        claim=claim, tolerance=tolerance, checks=checks, lower=lower, upper=upper,
+        violations=violations, float64_rechecked=recheck.startswith("float64"),
+        certificate_violations=cert_violations, auditor_errors=auditor_errors,
+        refusals=lip_refusals, n_attacked=n_attacked, sanity=sanity,
+        n_nonfinite=int((~finite).sum()),
+        lower_float64=("lipschitz" in checks and lip.get("lower_dtype", "float64") == "float64"),
+    )
+    reasons += verdict_reasons
     if gnp_dict and any(not layer.get("gnp", True) for layer in gnp_dict.get("layers", [])):
         warnings.append("some layers are not gradient-norm preserving (see gnp)")
 
@@ -381,6 +367,7 @@ def audit(
     }
     return AuditReport(
         verdict=verdict, reasons=reasons, violations=violations, lipschitz_claim=claim,
+        certificate_violations=cert_violations,
         lipschitz_lower=lower, lipschitz_upper=upper, layers=layers,
         certified_accuracy=acc, provenance=prov, tolerance=tolerance, gnp=gnp_dict,
         attacks=attack_dict, samples=samples, warnings=warnings,

@@ -5,7 +5,8 @@ The protocol, in one place:
 * A model *claims* a Lipschitz bound ``L`` (attribute ``lipschitz_claim``) for the map its
   certificate formula relies on, and names the formula (attribute ``certificate_kind``):
 
-  - ``"ortho"`` (orthogonal last layer, and any generic model): ``L`` covers pixels -> logits,
+  - ``"ortho"`` (orthogonal last layer, and any model that declares no kind): ``L`` covers
+    pixels -> logits,
     and ``radius = (f_y - max_{j!=y} f_j) / (sqrt(2) L)``.
   - ``"lln"`` (Last Layer Normalization): ``L`` covers pixels -> features (``model.features``),
     and ``radius = min_{j!=y} (f_y - f_j) / (||w_y - w_j|| L)`` over *all* other classes,
@@ -32,7 +33,10 @@ from torch import nn
 
 from lipverify.errors import InputError, check_labels, check_model_images, check_radius
 
-__all__ = ["Certificates", "certify", "certified_accuracy", "radii_from_logits", "claim_of"]
+__all__ = [
+    "Certificates", "certify", "certified_accuracy", "radii_from_logits", "claim_of",
+    "certificate_kind_of", "CERTIFICATE_MAPS",
+]
 
 
 @dataclass
@@ -44,16 +48,45 @@ class Certificates:
     logits: torch.Tensor
 
 
-def claim_of(model: nn.Module, lipschitz: float | None = None) -> tuple[float, str]:
-    """The Lipschitz bound and certificate kind to use for ``model``."""
+CERTIFICATE_MAPS = {"ortho": "logits", "lln": "features"}
+"""The map a claim covers, per certificate kind."""
+
+
+def certificate_kind_of(model: nn.Module) -> str:
+    """The certificate formula of ``model``: its declared ``certificate_kind``, else
+    ``"ortho"``. An LLN model must have ``features(x)`` and a ``last_layer``."""
     kind = getattr(model, "certificate_kind", "ortho")
+    if kind not in CERTIFICATE_MAPS:
+        raise InputError(f"certificate_kind must be one of {sorted(CERTIFICATE_MAPS)}, got "
+                         f"{str(kind)[:40]!r}; declare 'ortho' for a bound on the logits")
+    if kind == "lln" and not (callable(getattr(model, "features", None))
+                              and hasattr(model, "last_layer")):
+        raise InputError("certificate_kind 'lln' needs features(x) and last_layer on the "
+                         "model; declare 'ortho' for a bound on the logits")
+    return kind
+
+
+def claim_of(model: nn.Module, lipschitz: float | None = None) -> tuple[float, str]:
+    """The Lipschitz bound and certificate kind to use for ``model``: the one decision that
+    :func:`certify` and the audit share.
+
+    The kind is the model's declared ``certificate_kind`` (default ``"ortho"``); the bound,
+    ``lipschitz`` when given, else ``model.lipschitz_claim``, covers that kind's map
+    (:data:`CERTIFICATE_MAPS`: the logits for ``"ortho"``, the features for ``"lln"``).
+    """
+    kind = certificate_kind_of(model)
     if lipschitz is None:
         lipschitz = getattr(model, "lipschitz_claim", None)
         if lipschitz is None:
             raise InputError(
-                "this model declares no Lipschitz bound; pass lipschitz=L for its logit map"
+                f"this model declares no Lipschitz bound; pass lipschitz=L for its "
+                f"{CERTIFICATE_MAPS[kind]} map ({kind} certificates)"
             )
-    lipschitz = float(lipschitz)
+    try:
+        lipschitz = float(lipschitz)
+    except (TypeError, ValueError):
+        raise InputError(f"the Lipschitz bound must be a number, got {repr(lipschitz)[:40]}"
+                         ) from None
     if not math.isfinite(lipschitz) or lipschitz <= 0:
         raise InputError(f"the Lipschitz bound must be positive and finite, got {lipschitz}")
     return lipschitz, kind
