@@ -33,12 +33,14 @@ Guarantees (float64 throughout):
     makes ``a`` large and the bound huge (``inf`` when ``A`` is not finite).
   - *circular layers* (Cayley, BCOP: ``padding_mode == "circular"``): exact per-frequency SVD
     on the circular ``n`` grid after space-to-depth.
-  - dense layers (``nn.Linear``, LLN, CayleyLinear): exact SVD of the weight as applied;
-    ``Normalize``: ``1 / min(std)``; pair activations (MaxMin, HH1, HH2): 1 (piecewise
-    orthogonal); ReLU-like: 1; Sigmoid: 1/4; LeakyReLU(a) and ELU(a): ``max(1, |a|)``;
-    Flatten/Identity/Dropout (eval): 1; ``MaxPool2d``: ``sqrt(c_h c_w)`` with ``c`` the most
-    windows sharing an input (1 when windows do not overlap); ``BatchNorm2d`` (eval, running
-    statistics): ``max |gamma| / sqrt(var + eps)``. Any other layer: no bound (``None``).
+  - dense layers (``nn.Linear``, LLN, CayleyLinear, and ``nn.Linear``/``nn.Conv2d`` under
+    torch's read-through parametrizations): exact SVD of the weight as applied;
+    ``Normalize``: ``1 / min(std)``; activations and reshapes: the constants of
+    :mod:`lipverify.audits.catalogue`, each released only when its stated condition holds
+    (finite parameters, continuity, parameter ranges); ``MaxPool2d``: ``sqrt(c_h c_w)`` with
+    ``c`` the most windows sharing an input (1 when windows do not overlap); ``BatchNorm2d``
+    (eval, running statistics, ``var + eps > 0``): ``max |gamma| / sqrt(var + eps)``. Any
+    other layer: no bound (``None``).
   - the structured routes trust that a parameterised layer computes the operator they bound;
     each such bound (at most 10) is released only after the layer's own forward matches that
     operator on a random probe (see :func:`layer_upper_bound`).
@@ -46,7 +48,12 @@ Guarantees (float64 throughout):
 * **Whole-model upper bound**: the product of the layer bounds along a composition the audit
   knows (LipConvNet: normalization x every block's conv and activation x the last layer when
   the map is the logits; the flatten/reshape between blocks and head is an isometry; nested
-  ``nn.Sequential``: its children). Anything else: ``None``.
+  ``nn.Sequential``: its children, a repeated child once per place). Anything else:
+  ``None``. It is also ``None``, with the reasons in ``refusals``, when code the per-layer
+  bounds do not read changes what runs (:mod:`lipverify.audits.coverage`: hooks, instance
+  forwards, parametrizations, non-finite tensors, a module applied more or less often than
+  the composition lists it). A unit (or the whole map) whose attained lower bound exceeds its
+  upper bound is listed in ``auditor_errors``.
 * **Lower bounds** are attained ratios, each a genuine lower bound by construction:
   per layer, ``||J v|| / ||v||`` of the linear operator (bias excluded: the Jacobian of an
   affine map; float64) for the top Ritz vector ``v`` of ``J^T J`` (Lanczos, the Krylov

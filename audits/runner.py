@@ -1,14 +1,13 @@
 """``audit()``: decide whether a model's certificates are sound.
 
-Verdicts, with tolerance τ stated in the report:
-
-* **unsound**: an attack found a float64-confirmed input closer than ``radius * (1 - τ)`` whose
-  prediction differs (a counterexample), or an attained Lipschitz lower bound exceeds
-  ``claim * (1 + τ)``;
-* **sound**: no violation, no sanity flag, and a *guaranteed* upper bound at or below
-  ``claim * (1 + τ)``;
-* **inconclusive**: otherwise (no upper bound available, no certified point attacked, or a
-  sanity flag raised).
+The stages (certify, Lipschitz bounds, GNP, attack chunks) feed :func:`verdict.decide
+<lipverify.audits.verdict.decide>`, which holds the verdict rules: **unsound** on a
+float64-confirmed counterexample, an attained float64 lower bound above ``claim * (1 + τ)``
+or a certifier radius beyond what the guaranteed bound supports; **sound** only with a
+guaranteed upper bound at or below ``claim * (1 + τ)`` and nothing refused, non-finite or
+flagged; **inconclusive** otherwise, including auditor errors (a lower bound above an upper
+bound). The certificate formula (kind and claimed map) is decided once, by
+:func:`lipverify.certificates.claim_of`, as in :func:`lipverify.certify`.
 
 Attacks and lower bounds can only refute; only the guaranteed upper bound can support "sound".
 The attack stage runs in fixed chunks with per-chunk seeds and can checkpoint its per-sample
