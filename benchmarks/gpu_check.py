@@ -56,14 +56,17 @@ def load_images(data: Path | None, n: int, workers: int) -> tuple[torch.Tensor, 
     if data is not None and data.is_file():
         from lipverify.data import load_dataset
 
-        tmp = Path(tempfile.mkdtemp(prefix="gpu-check-cifar-"))
-        with tarfile.open(data) as tar:
-            tar.extractall(tmp, filter="data")
-        for cls in (tmp / "test").iterdir():  # the loader reads class names from train/
-            (tmp / "train" / cls.name).mkdir(parents=True, exist_ok=True)
-        x, y, _ = load_dataset("imagefolder", "test", tmp, cache_dir=tmp / "cache",
-                               workers=workers)
-        x, y = x[:n], y[:n]
+        with tempfile.TemporaryDirectory(prefix="gpu-check-cifar-") as tmp:
+            root = Path(tmp) / "data"
+            with tarfile.open(data) as tar:
+                tar.extractall(root, filter="data")
+            for cls in (root / "test").iterdir():  # the loader reads class names from train/
+                (root / "train" / cls.name).mkdir(parents=True, exist_ok=True)
+            x, y, _ = load_dataset("imagefolder", "test", root, cache_dir=Path(tmp) / "cache",
+                                   workers=workers)
+        if n < x.shape[0]:  # a seeded subset (the folder is sorted by class)
+            keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[keep], y[keep]
         return x, y, f"CIFAR-10 test split ({x.shape[0]} images of the JPEG mirror, {data})"
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 3, 32, 32, generator=g)

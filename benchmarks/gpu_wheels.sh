@@ -3,7 +3,9 @@
 # which has no network and lacks torchattacks and foolbox:
 #   * the attack backends and foolbox's pure-Python dependencies that machine lacks
 #     (eagerpy, GitPython, gitdb, smmap; numpy, scipy, requests, typing-extensions, torchvision
-#     and tqdm are there), as py3-none-any wheels, no dependencies resolved;
+#     and tqdm are there), as py3-none-any wheels, no dependencies resolved; and `wheel`, which
+#     the offline `pip install --no-build-isolation -e .` needs where setuptools is older than
+#     70.1 (checked here in a bare venv: without it, "invalid command 'bdist_wheel'");
 #   * when ../shared is here (LIPVERIFY_SHARED overrides): the CIFAR-10 test split of the JPEG
 #     mirror as a gzipped tar (test/<class>/*.jpg, about 3 MiB) and the reference
 #     checkpoint soc-lipconvnet5-hh1-lln-c10.pt, so the 10k certification runs on real images
@@ -20,7 +22,7 @@ mkdir -p "$DEST"
 
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$DEST" \
     torchattacks==3.5.1 foolbox==3.3.4 eagerpy==0.30.0 GitPython==3.2.1 gitdb==4.0.12 \
-    smmap==5.0.3
+    smmap==5.0.3 wheel==0.45.1
 
 archive="$SHARED/datasets/cifar10-jpg.tar.gz"
 if [[ -f "$archive" && ! -f "$DEST/cifar10-test.tar.gz" ]]; then
