@@ -96,8 +96,8 @@ cert_args=(--device "$DEVICE" --json "$OUT/certify.json")
 if [[ -f "$WHEELS/cifar10-test.tar.gz" ]]; then
     cert_args+=(--data "$WHEELS/cifar10-test.tar.gz")
 fi
-if [[ "$QUICK" == 1 ]]; then  # a small untrained network on 256 images
-    cert_args+=(--n 256 --runs 1 --init-channels 8)
+if [[ "$QUICK" == 1 ]]; then  # a small untrained network on 64 images
+    cert_args+=(--n 64 --runs 1 --init-channels 8)
 elif [[ -f "$WHEELS/soc-lipconvnet5-hh1-lln-c10.pt" ]]; then
     cert_args+=(--checkpoint "$WHEELS/soc-lipconvnet5-hh1-lln-c10.pt")
 fi

@@ -69,7 +69,7 @@ def test_gpu_check_quick_cpu_mode_writes_every_result(tmp_path) -> None:
         assert counts.get("skipped", 0) >= 10 and "failed" not in counts
         assert any("needs CUDA" in r for r in doc["pytest"]["skip_reasons"])
     cert = doc["certify"]
-    assert cert["synthetic"] and cert["data"].startswith("SYNTHETIC") and cert["n"] == 256
+    assert cert["synthetic"] and cert["data"].startswith("SYNTHETIC") and cert["n"] == 64
     for mode in ("ieee", "default"):
         timing = cert["modes"][mode]["certify_dataset"]
         assert timing["median_s"] > 0 and timing["images_per_s"] > 0
