@@ -224,6 +224,13 @@ def _own_forward(layer: nn.Module, cls: type | tuple[type, ...]) -> bool:
     return any(isinstance(layer, c) and type(layer).forward is c.forward for c in classes)
 
 
+def _route(layer: nn.Module, attr: str) -> bool:
+    """``layer`` offers the structured route ``attr`` (``orthogonal_weight``,
+    ``frequency_matrices``, ``conv_filter``) *and* its class is one of lipverify's own layers
+    (Cayley, BCOP): a duck-typed attribute on another class says nothing about its forward."""
+    return hasattr(layer, attr) and type(layer).__module__.startswith("lipverify.layers.")
+
+
 def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(int(s) for s in shape))
 
@@ -451,7 +458,7 @@ def _bcop_filter(layer: nn.Module) -> torch.Tensor:
 def _linear_matrix(layer: nn.Module) -> torch.Tensor | None:
     """The dense weight a linear layer applies (float64), or ``None``."""
     with eval_mode(layer), torch.no_grad():
-        if hasattr(layer, "orthogonal_weight") and callable(layer.orthogonal_weight):
+        if _route(layer, "orthogonal_weight") and callable(layer.orthogonal_weight):
             return layer.orthogonal_weight().detach().to(torch.float64)
         if _own_forward(layer, LLN):
             return layer.normalized_weight().detach().to(torch.float64)
@@ -469,7 +476,7 @@ def _is_linear_layer(layer: nn.Module) -> bool:
     if type(layer) is nn.BatchNorm2d and layer.track_running_stats:
         return True
     return any(
-        hasattr(layer, a) for a in ("orthogonal_weight", "frequency_matrices", "conv_filter")
+        _route(layer, a) for a in ("orthogonal_weight", "frequency_matrices", "conv_filter")
     )
 
 
@@ -571,13 +578,13 @@ def _upper(layer: nn.Module, shape: Sequence[int], exact_max_dim: int) -> tuple:
     if _own_forward(layer, Normalize):
         std = layer.std.detach().to(torch.float64)
         return _inflate(float(1.0 / std.abs().min())), "exact: 1/min(std)"
-    if (hasattr(layer, "orthogonal_weight") or _own_forward(layer, LLN)
+    if (_route(layer, "orthogonal_weight") or _own_forward(layer, LLN)
             or torch_type(layer) is nn.Linear):
         mat = _linear_matrix(layer)
         return _inflate(dense_spectral_norm(mat)), (
             f"exact: float64 SVD of the {mat.shape[0]}x{mat.shape[1]} weight as applied"
         )
-    if hasattr(layer, "frequency_matrices"):
+    if _route(layer, "frequency_matrices"):
         n, m, exact = _circular_space_to_depth(layer, shape)
         q = _cayley_matrices(layer, n, m)
         if not torch.isfinite(torch.view_as_real(q)).all():
@@ -587,7 +594,7 @@ def _upper(layer: nn.Module, shape: Sequence[int], exact_max_dim: int) -> tuple:
             f"{'exact' if exact else 'upper'}: per-frequency SVD of the circular operator on "
             f"the {n}x{m} grid (layer.frequency_matrices)"
         )
-    if hasattr(layer, "conv_filter") and getattr(layer, "padding_mode", None) == "circular":
+    if _route(layer, "conv_filter") and getattr(layer, "padding_mode", None) == "circular":
         filt = _bcop_filter(layer)
         c = shape[0]
         s = int(getattr(layer, "stride", 1) or 1)
@@ -625,10 +632,10 @@ def _reference_operator(
     """Float64 map (bias excluded) that the bound of a parameterised orthogonal layer assumes
     the layer computes, rebuilt from the quantities the bound used; ``None`` for torch's own
     layers, which need no check."""
-    if hasattr(layer, "orthogonal_weight") or _own_forward(layer, LLN):
+    if _route(layer, "orthogonal_weight") or _own_forward(layer, LLN):
         w = _linear_matrix(layer)
         return lambda x: x.flatten(1) @ w.T
-    if hasattr(layer, "frequency_matrices"):
+    if _route(layer, "frequency_matrices"):
         n, m, _ = _circular_space_to_depth(layer, shape)
         q = _cayley_matrices(layer, n, m)
         s = int(getattr(layer, "stride", 1) or 1)
@@ -641,7 +648,7 @@ def _reference_operator(
             return y if s2d or s == 1 else y[..., ::s, ::s]
 
         return fourier
-    if hasattr(layer, "conv_filter") and getattr(layer, "padding_mode", None) == "circular":
+    if _route(layer, "conv_filter") and getattr(layer, "padding_mode", None) == "circular":
         filt = _bcop_filter(layer)
         s = int(getattr(layer, "stride", 1) or 1)
         s2d = s > 1 and filt.shape[1] == shape[0] * s * s
@@ -985,8 +992,8 @@ def _upper_known_type(layer: nn.Module) -> bool:
         _constant_bound(layer) is not None
         or _own_forward(layer, (Normalize, LLN, SOC))
         or torch_type(layer) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
-        or any(hasattr(layer, a) for a in ("orthogonal_weight", "frequency_matrices"))
-        or (hasattr(layer, "conv_filter") and getattr(layer, "padding_mode", "") == "circular")
+        or any(_route(layer, a) for a in ("orthogonal_weight", "frequency_matrices"))
+        or (_route(layer, "conv_filter") and getattr(layer, "padding_mode", "") == "circular")
     )
 
 
