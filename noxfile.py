@@ -84,6 +84,24 @@ def audit(session: nox.Session) -> None:
     _audit(session, "--attacks", "minimal-norm")
 
 
+@nox.session(name="autoattack-original")
+def autoattack_original(session: nox.Session) -> None:
+    """The original AutoAttack (standard, L2) at 36/255 on 8 points of the built-in default,
+    through ``lipverify.fast``; fails unless robust accuracy >= certified accuracy. It is not
+    on PyPI: ``nox -s autoattack-original -- PATH/TO/auto-attack`` installs it from a source
+    tree first. Skipped, saying so, when ``autoattack`` is not importable."""
+    _install(session)
+    if session.posargs:
+        session.install("--no-deps", *session.posargs)
+    found = session.run("python", "-c", "import importlib.util as u; "
+                        "print(u.find_spec('autoattack') is not None)", silent=True)
+    if "True" not in str(found):
+        session.skip("the original AutoAttack (package 'autoattack') is not importable; it is "
+                     "not on PyPI: nox -s autoattack-original -- PATH/TO/auto-attack")
+    session.run("python", "-m", "lipverify.attacks.autoattack_original", "--n", "8",
+                "--eps", "36/255")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (2 threads, median of >= 3 runs); JSON results under benchmarks/results."""
