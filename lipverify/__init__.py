@@ -24,14 +24,17 @@ _LAZY = {
     "LipverifyError": "lipverify.errors",
     "InputError": "lipverify.errors",
     "CheckpointError": "lipverify.errors",
-    "fast": "lipverify.fast",
     "FastModule": "lipverify.fast",
 }
+#: submodules that are callable: ``lipverify.fast(model)`` builds, ``lipverify.fast.load(path)``
+_CALLABLE_MODULES = ("fast",)
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted([*_LAZY, *_CALLABLE_MODULES]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CALLABLE_MODULES:  # importing sets the attribute: no second call
+        return importlib.import_module(f"lipverify.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -40,4 +43,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_CALLABLE_MODULES))

@@ -68,7 +68,7 @@ _MAX_SPEC_CHARS = 1 << 20
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 # ------------------------------------------------------------------------------------------
@@ -632,8 +632,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = None
     return module.to(map_location) if map_location is not None else module
 
 
-# ``lipverify.fast`` is this module once ``import lipverify.fast`` has run, and the function
-# :func:`fast` otherwise: calling the module calls the function, so both spellings work.
+# ``lipverify.fast`` is this module; calling it calls :func:`fast`, so ``lipverify.fast(model)``
+# builds and ``lipverify.fast.load(path)`` reads, however the module was imported.
 class _CallableModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> FastModule:
         return fast(*args, **kwargs)
