@@ -5,6 +5,9 @@
 #   benchmarks/gpu_check.sh                                   # results under $OUT (./gpu-out)
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 GPU_CHECK_INSTALL=0 benchmarks/gpu_check.sh   # here
 #
+# Other settings: PYTHON (default python3), GPU_CHECK_WHEELS (default .wheels),
+# GPU_CHECK_STEPS (a subset of "install certify bench5 bench20 pytest").
+#
 # Steps, each under its own time limit and a deadline for the whole run (GPU_CHECK_BUDGET,
 # default 285 s); a failing or timed-out step is recorded and the next one runs:
 #   install   the carried wheels (torchattacks, foolbox and its missing deps), then lipverify
@@ -71,7 +74,9 @@ skip() {
     echo "== $1: skipped ($2)"
 }
 
+# the install step (run by `step` through `timeout bash -c install_all`, hence exported)
 install_all() {
+    set -euo pipefail
     shopt -s nullglob
     local wheels=("$WHEELS"/*.whl)
     if ((${#wheels[@]})); then
@@ -80,13 +85,23 @@ install_all() {
         echo "no wheels in $WHEELS: torchattacks and foolbox must already be installed"
     fi
     "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
-    "$PY" -c "import lipverify, torchattacks, foolbox, torch; print('lipverify', \
-lipverify.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    "$PY" -c "import lipverify, torch; print('lipverify', lipverify.__version__, 'from', \
+lipverify.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+    "$PY" -c "import torchattacks, foolbox; print('torchattacks', torchattacks.__version__, \
+'| foolbox', foolbox.__version__)"
 }
+export -f install_all
+export PY WHEELS
+
+# GPU_CHECK_STEPS: the steps to run (default: all); the others are recorded as skipped
+STEPS_WANTED=" ${GPU_CHECK_STEPS:-install certify bench5 bench20 pytest} "
+wanted() { [[ "$STEPS_WANTED" == *" $1 "* ]]; }
 
 # -- install --------------------------------------------------------------------------------
-if [[ "$INSTALL" == 1 ]]; then
-    step install 60 "$OUT/install.log" install_all
+if ! wanted install; then
+    skip install "not in GPU_CHECK_STEPS"
+elif [[ "$INSTALL" == 1 ]]; then
+    step install 90 "$OUT/install.log" bash -c install_all
 else
     skip install "GPU_CHECK_INSTALL=$INSTALL"
 fi
@@ -103,14 +118,25 @@ if [[ "$QUICK" == 1 ]]; then  # a small untrained network on 64 images
 elif [[ -f "$WHEELS/soc-lipconvnet5-hh1-lln-c10.pt" ]]; then
     cert_args+=(--checkpoint "$WHEELS/soc-lipconvnet5-hh1-lln-c10.pt")
 fi
-step certify "$cert_limit" "$OUT/certify.log" "$PY" benchmarks/gpu_check.py certify "${cert_args[@]}"
+if wanted certify; then
+    step certify "$cert_limit" "$OUT/certify.log" "$PY" benchmarks/gpu_check.py certify \
+        "${cert_args[@]}"
+else
+    skip certify "not in GPU_CHECK_STEPS"
+fi
 
 # -- bench_soc on the device ----------------------------------------------------------------
 bench=(--device "$DEVICE" --workloads eval,attack,train --threads 4)
 if [[ "$QUICK" == 1 ]]; then bench+=(--quick); fi
-step bench5 60 "$OUT/bench_soc.log" "$PY" benchmarks/bench_soc.py "${bench[@]}" --models 5 \
-    --json "$OUT/bench_soc_5.json"
-if [[ "$QUICK" == 1 ]]; then
+if wanted bench5; then
+    step bench5 60 "$OUT/bench_soc.log" "$PY" benchmarks/bench_soc.py "${bench[@]}" \
+        --models 5 --json "$OUT/bench_soc_5.json"
+else
+    skip bench5 "not in GPU_CHECK_STEPS"
+fi
+if ! wanted bench20; then
+    skip bench20 "not in GPU_CHECK_STEPS"
+elif [[ "$QUICK" == 1 ]]; then
     skip bench20 "GPU_CHECK_QUICK=1"
 else
     step bench20 90 "$OUT/bench_soc.log" "$PY" benchmarks/bench_soc.py "${bench[@]}" \
@@ -118,7 +144,11 @@ else
 fi
 
 # -- the gpu tests --------------------------------------------------------------------------
-step pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider
+if wanted pytest; then
+    step pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider
+else
+    skip pytest "not in GPU_CHECK_STEPS"
+fi
 
 # -- summary --------------------------------------------------------------------------------
 total=$(($(date +%s) - START))

@@ -94,3 +94,26 @@ def test_gpu_check_records_failing_steps_and_keeps_going(tmp_path) -> None:
     assert status["certify"] == status["bench5"] == "failed"
     assert status["pytest"] == "ok"  # it ran after the failures
     assert not doc["ok"] and "certify" not in doc
+
+
+@pytest.mark.slow  # a venv and an offline editable install: ~1 minute on a busy 2-core machine
+def test_gpu_check_install_step_works_offline(tmp_path) -> None:
+    # the device's python has torch & co. but not lipverify: a venv over this environment's
+    # packages, into which the install step puts lipverify with --no-index (no network used)
+    venv = tmp_path / "venv"
+    # (--without-pip: pip and setuptools come from this environment, as on the device, not
+    # the venv's bundled old setuptools, which would need the `wheel` package)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    proc, doc = _run_script(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="install",
+                            GPU_CHECK_INSTALL="1", PYTHON=str(python))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = {s["step"]: s["status"] for s in doc["steps"]}
+    assert status == {"install": "ok", "certify": "skipped", "bench5": "skipped",
+                      "bench20": "skipped", "pytest": "skipped"}
+    log = (tmp_path / "out" / "install.log").read_text()
+    assert "Successfully installed lipverify" in log and "torchattacks 3.5.1" in log
+    where = subprocess.run([str(python), "-c", "import lipverify; print(lipverify.__file__)"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert where.stdout.strip() == str(REPO / "lipverify" / "__init__.py")
