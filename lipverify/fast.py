@@ -314,7 +314,7 @@ class FastModule(nn.Module):
             try:
                 with torch.no_grad():
                     got = module(x)
-            except (RuntimeError, ValueError, IndexError) as e:
+            except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
                 msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise InputError(f"fast module state is inconsistent: {msg}") from None
             err = _error(got, probe)
@@ -339,13 +339,40 @@ def _parse_extra_state(state: Any) -> dict[str, Any]:
             and all(isinstance(v, int) and 0 < v < 1 << 16 for v in spec["input_shape"])
             and isinstance(spec.get("probe"), dict) and isinstance(spec.get("build"), dict)
             and 0 < int(spec["probe"]["n"]) <= 1024
+            and int(spec["probe"]["n"]) * math.prod(spec["input_shape"]) <= 1 << 26
             and 0 < float(spec["probe"]["tolerance"]) < 1
+            and all(_op_spec_ok(s) for s in spec["ops"])
         )
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
         raise InputError("fast module state: unreadable description")
     return spec
+
+
+def _small_ints(values: Any, n: int, lo: int = 0, hi: int = 1 << 16) -> bool:
+    return (isinstance(values, list) and len(values) == n
+            and all(isinstance(v, int) and lo <= v < hi for v in values))
+
+
+def _op_spec_ok(s: dict[str, Any]) -> bool:
+    """Bounds on what a read description may ask for (a crafted one must not run for ever)."""
+    op = s["op"]
+    if "stride" in s or op in ("soc_dense", "soc_series", "cayley_conv", "bcop_conv"):
+        if s.get("stride") not in (1, 2):
+            return False
+    if op == "soc_dense":
+        return _small_ints(s.get("in_shape"), 3, 1) and _small_ints(s.get("out_shape"), 3, 1)
+    if op == "soc_series":
+        return _small_ints(s.get("geometry"), 6, 1) and s.get("terms") in range(65)
+    if op == "bcop_conv":
+        return s.get("pad") in range(16)
+    if op == "reshape":
+        return isinstance(s.get("shape"), list) and 1 <= len(s["shape"]) <= 3 and all(
+            isinstance(v, int) and -1 <= v < 1 << 24 for v in s["shape"])
+    if op == "activation":
+        return s.get("name") in ("maxmin", "hh1", "hh2") and _small_ints([s.get("channels")], 1, 2)
+    return True
 
 
 def _error(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,6 +7,7 @@ gradients are compared to 1e-5 (relative to max(1, largest entry)).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -164,6 +165,13 @@ def test_damaged_state_is_refused(default_fast, tmp_path) -> None:
         FastModule.from_state_dict(state)
     with pytest.raises(InputError, match="not the state"):
         FastModule.from_state_dict({"weight": torch.zeros(1)})
+    # a crafted description may not ask for unbounded work (here 1e9 Taylor terms)
+    state = dict(default_fast.state_dict())
+    spec = json.loads(state["_extra_state"]["spec"])
+    next(s for s in spec["ops"] if s["op"] == "soc_series")["terms"] = 10**9
+    state["_extra_state"] = {**state["_extra_state"], "spec": json.dumps(spec)}
+    with pytest.raises(InputError, match="unreadable description"):
+        FastModule.from_state_dict(state)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load(tmp_path / "junk.pt")
