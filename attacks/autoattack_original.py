@@ -1,7 +1,7 @@
 """The original AutoAttack (Croce & Hein 2020, the ``autoattack`` package) against the built-in
 default through :func:`lipverify.fast`: robust accuracy must be at least certified accuracy.
 
-``python -m lipverify.attacks.autoattack_original [--n 8] [--eps 36/255]`` runs
+``python -m lipverify.attacks.autoattack_original [--n 8] [--eps 36/255] [--threads 1]`` runs
 ``AutoAttack(fast_module, norm="L2", eps=eps, version="standard")`` on the first ``n`` points of
 the digits test split. Pixels are in [0, 1], and the certified radii are l2 in pixel space, so
 they are the eps AutoAttack takes. It then checks every point certified at ``eps`` (correct, and
@@ -115,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", default=None, help="also write the result as JSON (atomically)")
     p.add_argument("--quiet", action="store_true", help="no AutoAttack progress lines")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default 1: a batch of a few points gains nothing from "
+                        "more, and on a busy machine extra threads wait for each other)")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         res = run(args.n, args.eps, args.seed, verbose=not args.quiet)
     except ImportError as e:
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except LipverifyError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        torch.set_num_threads(threads)
     print(f"original AutoAttack (standard, L2) at eps {res['eps']:.6f} on {res['n']} points of "
           f"the built-in default, through lipverify.fast: robust accuracy "
           f"{res['robust_accuracy']:.1%} >= certified accuracy {res['certified_accuracy']:.1%}: "

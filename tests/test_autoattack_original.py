@@ -69,7 +69,9 @@ def test_skips_clearly_without_autoattack(monkeypatch, capsys) -> None:
 
 def test_passes_on_the_default_through_the_fast_module(stand_in, tmp_path, capsys) -> None:
     out = tmp_path / "aa.json"
+    threads = torch.get_num_threads()
     assert aao.main(["--n", "8", "--json", str(out), "--quiet"]) == 0
+    assert torch.get_num_threads() == threads  # restored
     res = json.loads(out.read_text())
     assert res["passed"] and res["robust_accuracy"] >= res["certified_accuracy"] > 0
     assert res["max_l2"] <= 36 / 255 * (1 + 1e-6) and res["fast_and_model_agree"]
