@@ -22,8 +22,12 @@ Stride 2 is space-to-depth (:func:`~lipverify.layers.soc.space_to_depth`, an iso
 Power iteration starts from a fixed-seed vector (the reference draws a random start), so
 results are reproducible; the Björck limit does not depend on the start.
 
-In eval mode the filter is cached (detached, as in the reference) and recomputed whenever a
-parameter or buffer changes (its version counter, storage, dtype or device).
+In eval mode the filter is cached (detached, as in the reference). The cache is keyed on
+*content* (:class:`~lipverify.layers.weight_cache.ContentCache`): it is served only while
+``conv_matrices`` and ``mask`` are bit for bit those it was computed from (same dtype, device
+and shape) and the Björck and power-iteration settings are unchanged, so no weight update
+(``.data`` or NumPy-view writes included) leaves eval outputs stale; training mode never uses
+it.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipverify.layers.cayley import _EvalCache, _param_key
 from lipverify.layers.soc import space_to_depth_checked
+from lipverify.layers.weight_cache import ContentCache
 
 __all__ = ["BCOP", "bjorck", "power_iteration_sigma", "block_orth"]
 
@@ -140,7 +144,7 @@ class BCOP(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-gain, gain))
         else:
             self.register_parameter("bias", None)
-        self._cache = _EvalCache()
+        self._cache = ContentCache()
 
     def orthogonal_matrices(self) -> torch.Tensor:
         """``O_0 .. O_{2k-2}``: scaled by power iteration, then Björck-orthogonalized."""
@@ -165,17 +169,18 @@ class BCOP(nn.Module):
     def conv_filter(self) -> torch.Tensor:
         """The filter (cout, cin_eff, k, k) applied with circular padding after space-to-depth.
 
-        Cached and detached in eval mode; differentiable in training mode."""
+        Cached (keyed on content, see the module) and detached in eval mode; differentiable
+        in training mode."""
         if self.training:
             self._cache.clear()
             return self._compute()
         params = (self.conv_matrices, self.mask)
-        key = _param_key(*params)
-        hit = self._cache.get(key)
+        settings = (self.bjorck_iters, self.bjorck_beta, self.power_iters)
+        hit = self._cache.get(params, settings)
         if hit is None:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable outside the mode too
                 hit = self._compute()
-            self._cache.put(key, hit, params)
+            self._cache.put(params, settings, hit)
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +192,8 @@ class BCOP(nn.Module):
         return F.conv2d(x, w.to(x.dtype), self.bias)
 
     def train(self, mode: bool = True) -> BCOP:
-        self._cache.clear()
+        if mode != self.training:  # frees memory only: the content key decides validity
+            self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:

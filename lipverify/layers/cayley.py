@@ -25,9 +25,11 @@ which the stored kernel is ``max(1, k // 2)`` wide, as in the reference code.
 ``y = Q x + b``; ``Q`` has orthonormal rows or columns (exact up to float tolerance).
 
 In eval mode the orthogonalized operators are computed in float64 (on CPU and CUDA), cast to
-the parameters' dtype and cached (detached, as in the reference); the cache is recomputed
-whenever a parameter changes (its version counter, storage, dtype or device) or the mode
-changes.
+the parameters' dtype and cached (detached, as in the reference). The cache is keyed on
+*content* (:class:`~lipverify.layers.weight_cache.ContentCache`): it is served only while
+``weight`` and ``alpha`` are bit for bit those it was computed from (same dtype, device and
+shape) and the input size is the same, so no weight update (``.data`` or NumPy-view writes
+included) leaves eval outputs stale; training mode never uses it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipverify.layers.soc import space_to_depth_checked
+from lipverify.layers.weight_cache import ContentCache
 
 __all__ = ["CayleyConv", "CayleyLinear", "cayley"]
 
@@ -65,30 +68,6 @@ def cayley(w: torch.Tensor) -> torch.Tensor:
 def _eval_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 for the cached eval-mode operators where the device has it, else ``t.dtype``."""
     return torch.float64 if t.device.type in ("cpu", "cuda") else t.dtype
-
-
-def _param_key(*params: torch.Tensor) -> tuple:
-    """Identifies parameter values: storage, in-place version, dtype, device, shape."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params)
-
-
-class _EvalCache:
-    """One cached value, valid while its key matches. Holds aliases of the parameters so their
-    storage cannot be freed and reused while the entry lives (which would fake a match)."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: torch.Tensor | None = None
-        self._alive: tuple = ()
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        return self.value if self.key == key else None
-
-    def put(self, key: tuple, value: torch.Tensor, params: tuple[torch.Tensor, ...]) -> None:
-        self.key, self.value, self._alive = key, value.detach(), tuple(p.detach() for p in params)
-
-    def clear(self) -> None:
-        self.key, self.value, self._alive = None, None, ()
 
 
 class CayleyConv(nn.Module):
@@ -131,7 +110,7 @@ class CayleyConv(nn.Module):
         with torch.no_grad():
             alpha = self._shifted_spectrum(weight, _ALPHA_GRID, _ALPHA_GRID).norm()
         self.alpha = nn.Parameter(alpha.clone())
-        self._cache = _EvalCache()
+        self._cache = ContentCache()
 
     def _shifted_spectrum(self, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
         """``W_uv`` of shape (n, m//2+1, cout, cin_eff), before scaling and the Cayley map."""
@@ -167,12 +146,11 @@ class CayleyConv(nn.Module):
             self._cache.clear()
             return self._compute(n, m)
         params = (self.weight, self.alpha)
-        key = _param_key(*params) + ((n, m),)
-        hit = self._cache.get(key)
+        hit = self._cache.get(params, (n, m))
         if hit is None:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable outside the mode too
                 hit = self._compute(n, m, _eval_dtype(self.weight))
-            self._cache.put(key, hit, params)
+            self._cache.put(params, (n, m), hit)
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +163,8 @@ class CayleyConv(nn.Module):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def train(self, mode: bool = True) -> CayleyConv:
-        self._cache.clear()
+        if mode != self.training:  # frees memory only: the content key decides validity
+            self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:
@@ -212,7 +191,7 @@ class CayleyLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         self.alpha = nn.Parameter(self.weight.detach().norm().clone())
-        self._cache = _EvalCache()
+        self._cache = ContentCache()
 
     def _compute(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         weight, alpha = self.weight, self.alpha
@@ -221,24 +200,25 @@ class CayleyLinear(nn.Module):
         return cayley(alpha * weight / weight.norm()).to(self.weight.dtype)
 
     def orthogonal_weight(self) -> torch.Tensor:
-        """``Q`` (out, in) as applied: cached and detached in eval mode."""
+        """``Q`` (out, in) as applied: cached (keyed on content, see the module) and detached
+        in eval mode."""
         if self.training:
             self._cache.clear()
             return self._compute()
         params = (self.weight, self.alpha)
-        key = _param_key(*params)
-        hit = self._cache.get(key)
+        hit = self._cache.get(params)
         if hit is None:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable outside the mode too
                 hit = self._compute(_eval_dtype(self.weight))
-            self._cache.put(key, hit, params)
+            self._cache.put(params, (), hit)
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.flatten(1), self.orthogonal_weight(), self.bias)
 
     def train(self, mode: bool = True) -> CayleyLinear:
-        self._cache.clear()
+        if mode != self.training:  # frees memory only: the content key decides validity
+            self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:

@@ -15,16 +15,19 @@ Speed (same function; see :mod:`lipverify.layers.soc_fast` and
 :mod:`lipverify.layers.soc_materialize`): the forward sums the series with ``A/i`` folded into
 the filter and without computing padded input channels or truncated output channels; the
 backward does not store the Taylor terms (exact gradients; ``fast_train=True`` swaps in the
-approximate filter gradient of Singla & Feizi 2022). In eval mode ``A`` is cached until the
-weights, the vectors, ``correction``, ``eval_terms`` or the mode change. :func:`materialize` /
+approximate filter gradient of Singla & Feizi 2022). In eval mode ``A`` is cached, keyed on
+*content* (:class:`~lipverify.layers.weight_cache.WeightSnapshot`): it is served only while the
+filter, the vectors and ``correction`` are bit for bit those it was computed from (same dtype,
+device and shape) and ``eval_terms`` and the mode are unchanged, so no weight update
+(``.data`` or NumPy-view writes included) leaves eval outputs stale. :func:`materialize` /
 :func:`fast_eval` replace small layers by their dense matrix ``P`` (built from the same
-series, never ``matrix_exp``) when asked to, for audits and whole-test-set certification.
+series, never ``matrix_exp``) when asked to, for audits and whole-test-set certification;
+a dense operator is checked against the weights the same way at every call.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +38,7 @@ from torch import nn
 
 from lipverify.layers.soc_fast import Geometry, SeriesOperator
 from lipverify.layers.soc_fast import series as _fast_series
+from lipverify.layers.weight_cache import WeightSnapshot
 
 __all__ = [
     "SOC",
@@ -149,24 +153,24 @@ def fantastic_four(
 
 class _CachedFilter(torch.autograd.Function):
     """Forward: the eval cache's ``A`` (nothing recomputed). Backward (run only when a weight
-    gradient is asked for): the gradient of the normalization ``W -> A``, recomputed at the
-    current weights (eval mode is pure, so they are those of the forward pass)."""
+    gradient is asked for): the gradient of the normalization ``W -> A``, recomputed from the
+    cache's own copy of the weights ``A`` was computed from (so a later write to the live
+    weights cannot change it)."""
 
     @staticmethod
-    def forward(ctx, w, layer, a):  # noqa: ANN001, ANN205
-        ctx.layer = layer
-        ctx.save_for_backward(w)
+    def forward(ctx, w, snapshot, a):  # noqa: ANN001, ANN205
+        ctx.snapshot = snapshot
         return a.view_as(a)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: ANN001, ANN205
-        (w,) = ctx.saved_tensors
-        layer = ctx.layer
+        w, correction, *vecs = ctx.snapshot.copies
+        vectors = dict(zip(SOC.VECTOR_NAMES, (v.clone() for v in vecs), strict=True))
         with torch.enable_grad():
-            wd = w.detach().requires_grad_(True)
+            wd = w.detach().clone().requires_grad_(True)
             s = skew_filter(wd)
-            a = s * (layer.correction / fantastic_four(s, layer._vectors(), 0))
+            a = s * (correction / fantastic_four(s, vectors, 0))
             (gw,) = torch.autograd.grad(a, wd, g)
         return gw, None, None
 
@@ -182,6 +186,9 @@ class SOC(nn.Module):
     Parameter and buffer names follow the reference code, so its ``state_dict`` loads as is.
     ``train_terms``/``eval_terms`` are the highest Taylor power T in each mode.
     """
+
+    #: the power-iteration buffers, in the order of :meth:`_weight_parts`
+    VECTOR_NAMES = tuple(f"{c}{i}" for i in range(1, 5) for c in "uv")
 
     def __init__(
         self,
@@ -284,32 +291,24 @@ class SOC(nn.Module):
 
     # -- fast paths (same function) ------------------------------------------------------
     def _weight_parts(self) -> list[torch.Tensor]:
+        """Everything ``A`` depends on: filter, ``correction``, then :data:`VECTOR_NAMES`."""
         parts = [self.random_conv_filter, self.correction]
-        return parts + [getattr(self, f"{c}{i}") for i in range(1, 5) for c in "uv"]
+        return parts + [getattr(self, name) for name in self.VECTOR_NAMES]
 
-    def weights_key(self) -> tuple | None:
-        """Identity and version of everything ``A`` depends on (None: not trackable, e.g.
-        inference tensors). Any in-place change, ``load_state_dict`` or re-assignment of the
-        filter, the vectors or ``correction`` changes it (with :meth:`same_weights`, which
-        rules out a new tensor that reuses a freed one's id and address)."""
-        try:
-            return tuple(
-                (id(t), t._version, t.data_ptr(), t.dtype, str(t.device))
-                for t in self._weight_parts()
-            ) + (self.eval_terms, self.training)
-        except RuntimeError:
-            return None
+    def _weights_extra(self) -> tuple:
+        return (self.eval_terms, self.training)
 
-    def weight_refs(self) -> tuple:
-        """Weak references to the tensors of :meth:`weights_key`."""
-        return tuple(weakref.ref(t) for t in self._weight_parts())
+    def weights_snapshot(self) -> WeightSnapshot:
+        """A private bitwise copy of everything ``A`` (and so a dense operator) depends on:
+        the filter, ``correction``, the vectors, ``eval_terms`` and the mode."""
+        return WeightSnapshot(self._weight_parts(), self._weights_extra())
 
-    def same_weights(self, key: tuple | None, refs: tuple) -> bool:
-        """Whether ``key`` and ``refs`` (taken together earlier) still describe the weights."""
-        parts = self._weight_parts()
-        return (
-            key is not None and key == self.weights_key() and len(refs) == len(parts)
-            and all(r() is t for r, t in zip(refs, parts, strict=True))
+    def same_weights(self, snapshot: WeightSnapshot | None) -> bool:
+        """Whether the weights are bit for bit those of ``snapshot`` (any update, whatever
+        the idiom: in place, through ``.data`` or a NumPy view, ``load_state_dict``,
+        re-assignment, a dtype or device change, makes this False)."""
+        return snapshot is not None and snapshot.matches(
+            self._weight_parts(), self._weights_extra()
         )
 
     def _geometry(self, xs: torch.Tensor) -> Geometry:
@@ -320,23 +319,24 @@ class SOC(nn.Module):
 
     def eval_operator(self, xs: torch.Tensor) -> SeriesOperator:
         """The cached (eval mode) operator ``A`` for inputs shaped like ``xs`` (after
-        space-to-depth). Rebuilt when :meth:`weights_key` changes."""
+        space-to-depth). Rebuilt unless the weights are bit for bit those of the cache's
+        snapshot (:meth:`same_weights`)."""
         cache = self._eval_cache
-        if cache is None or not self.same_weights(cache["key"], cache["refs"]):
-            key = self.weights_key()
+        if cache is None or not self.same_weights(cache["snapshot"]):
+            snapshot = self.weights_snapshot()
             with torch.inference_mode(False), torch.no_grad():
-                s = skew_filter(self.random_conv_filter)  # the eval-mode (pure) formula
-                a = s * (self.correction / fantastic_four(s, self._vectors(), 0))
-            cache = {"key": key, "refs": self.weight_refs(), "a": a, "ops": {}}
-            self._eval_cache = cache if key is not None else None
-        key = cache["key"]
+                w, correction, *vecs = snapshot.copies  # A is computed from the copy itself
+                s = skew_filter(w)  # the eval-mode (pure) formula
+                vectors = dict(zip(self.VECTOR_NAMES, vecs, strict=True))
+                a = s * (correction / fantastic_four(s, vectors, 0))
+            cache = {"snapshot": snapshot, "a": a, "ops": {}}
+            self._eval_cache = cache
         geo = self._geometry(xs)
         op = cache["ops"].get(geo)
         if op is None:
             with torch.inference_mode(False), torch.no_grad():
                 op = SeriesOperator.from_filter(cache["a"], geo)
-            if key is not None:
-                cache["ops"] = {geo: op}  # one input size at a time
+            cache["ops"] = {geo: op}  # one input size at a time
         return op
 
     def clear_cache(self) -> None:
@@ -384,11 +384,8 @@ class SOC(nn.Module):
         op = self.eval_operator(xs)
         if weights_need_grad:
             cache = self._eval_cache
-            if cache is None:  # untrackable weights: A stays differentiable, recomputed
-                a = self.normalized_filter()
-                return self._add_bias(_fast_series(xs, self.eval_terms, a=a, geo=op.geo))
             # the cached A, with the gradient of the normalization recomputed if asked for
-            a = _CachedFilter.apply(self.random_conv_filter, self, cache["a"])
+            a = _CachedFilter.apply(self.random_conv_filter, cache["snapshot"], cache["a"])
             return self._add_bias(_fast_series(xs, self.eval_terms, op=op, a=a, geo=op.geo))
         return self._add_bias(_fast_series(xs, self.eval_terms, op=op))
 
@@ -434,7 +431,8 @@ def release(model: nn.Module) -> None:
 @contextmanager
 def fast_eval(model: nn.Module, input_size: Any = None, cache_dir: Any = None,
               **kw: Any) -> Iterator[Any]:
-    """Eval mode with constant weights and materialised small layers, restored on exit (see
+    """Eval mode with constant weights (no weight gradients) and materialised small layers,
+    restored on exit; weights written inside the scope are still seen (see
     :func:`lipverify.layers.soc_materialize.fast_eval`)."""
     from lipverify.layers.soc_materialize import fast_eval as _fast_eval
 

@@ -6,10 +6,13 @@ Feizi 2021 truncated) applied to basis vector ``e_j`` (or row ``i`` the adjoint 
 to ``e_i``): the same function as the layer up to float rounding (tested to 1e-5 on logits).
 ``matrix_exp`` is never used: the exact exponential is a different function and would hide a
 bad term count or a stale sigma from an audit. An operator is used only in eval mode, only
-while the layer's :meth:`~lipverify.layers.soc.SOC.weights_key` equals the one it was built
-from, and only for the input shape it was built for. Operators live outside checkpoints (not
-in any ``state_dict``); one read from the disk cache is used only after its SHA-256, its key
-and a randomized probe against the series all check out, otherwise it is rebuilt.
+while the layer's weights are bit for bit those it was built from (checked at every call
+against a private copy, :meth:`~lipverify.layers.soc.SOC.same_weights`: no update idiom,
+``.data`` and NumPy-view writes included, can make it serve stale weights; a changed layer
+drops it and runs its series), and only for the input shape it was built for. Operators live
+outside checkpoints (not in any ``state_dict``); one read from the disk cache is used only
+after its SHA-256, its key and a randomized probe against the series all check out,
+otherwise it is rebuilt.
 
 Cost model (multiply-adds, "MAC"): building ``P`` pushes ``min(in, out) * H * W`` basis
 vectors through the series, i.e. it costs as much as that many images (no ``n^3`` matrix
@@ -47,6 +50,7 @@ from torch import nn
 
 from lipverify.layers.soc import SOC, conv_transpose_filter
 from lipverify.layers.soc_fast import Geometry, SeriesOperator, dense_apply, series_no_grad
+from lipverify.layers.weight_cache import WeightSnapshot
 
 __all__ = [
     "DenseOperator",
@@ -83,9 +87,10 @@ class DenseOperator:
     """``P = I_pad + R`` of one layer for one input shape. ``matrix`` is ``R`` (the terms
     ``i >= 1``), columns in the layer's input pixel order; the identity term is applied
     exactly (space-to-depth, pad/truncate), which also keeps the float32 product accurate
-    (the partial sums stay small: 3x less rounding than with ``P``)."""
+    (the partial sums stay small: 3x less rounding than with ``P``). ``snapshot`` is a copy
+    of the weights it was built from: it is valid only while they are unchanged."""
 
-    key: tuple
+    snapshot: WeightSnapshot = field(repr=False)
     digest: str
     input_shape: tuple[int, int, int]
     out_shape: tuple[int, int, int]
@@ -94,10 +99,10 @@ class DenseOperator:
     seconds: float = 0.0
     source: str = "built"
     min_batch: int = 1
-    refs: tuple = field(default=(), repr=False)
 
     def valid_for(self, layer: SOC) -> bool:
-        return not layer.training and layer.same_weights(self.key, self.refs)
+        """Eval mode, and the layer's weights bit for bit those the operator was built from."""
+        return not layer.training and layer.same_weights(self.snapshot)
 
     def accepts(self, x: torch.Tensor) -> bool:
         return (
@@ -479,7 +484,7 @@ def _attach(layer: SOC, plan: LayerPlan, cache: Path | None, min_batch: int | No
     try:
         p0 = layer.random_conv_filter
         digest = operator_key(layer, plan.input_shape)
-        key = layer.weights_key()
+        snapshot = layer.weights_snapshot()
         c, hin, win = plan.input_shape
         s = layer.stride
         out_shape = (layer.out_channels, hin // s, win // s)
@@ -489,7 +494,8 @@ def _attach(layer: SOC, plan: LayerPlan, cache: Path | None, min_batch: int | No
         if path is not None:
             p = _load(path, layer, digest, plan.rows, plan.cols, p0.device, p0.dtype)
             if p is not None:
-                op = DenseOperator(key, digest, plan.input_shape, out_shape, s, p, 0.0, "disk", mb)
+                op = DenseOperator(snapshot, digest, plan.input_shape, out_shape, s, p, 0.0,
+                                   "disk", mb)
                 if not _probe_ok(layer, op, digest):
                     log.warning("cached SOC operator %s failed the probe check; rebuilding", path)
                     p = None
@@ -502,8 +508,7 @@ def _attach(layer: SOC, plan: LayerPlan, cache: Path | None, min_batch: int | No
         plan.seconds = time.perf_counter() - t0
         plan.source, plan.materialized = source, True
         layer._dense = DenseOperator(
-            key, digest, plan.input_shape, out_shape, s, p, plan.seconds, source, mb,
-            layer.weight_refs(),
+            snapshot, digest, plan.input_shape, out_shape, s, p, plan.seconds, source, mb,
         )
         log.info("%s: dense %dx%d %s in %.2f s", plan.name, plan.rows, plan.cols, source,
                  plan.seconds)
@@ -530,6 +535,10 @@ def fast_eval(
     """Eval mode with the SOC weights treated as constants (no weight gradients; the cached
     ``A`` serves attacks too) and, unless ``materialize_layers=False``, the small layers
     materialised (``kw`` as :func:`materialize`). Restores modes and frees operators on exit.
+
+    "Constants" only means no weight gradients: every call still compares the weights with the
+    copy its cached ``A`` or dense operator was built from, so a weight written inside the
+    scope (by any idiom) drops the stale operator and the layer runs its series.
     """
     modes = {m: m.training for m in model.modules()}
     socs = _soc_layers(model)
