@@ -2,11 +2,11 @@
 
 Guarantee (exact, no tolerance): :meth:`ContentCache.get` returns a value only when every
 tensor it was computed from has the same dtype, shape, strides, device and *bytes* as when
-the value was stored, and the hashable ``extra`` (hyper-parameters, input size, mode) is equal. The
-stored copy is private, so no weight-update idiom can slip past it: writes through ``.data`` or
-a NumPy view (which bump no version counter), ``load_state_dict``, re-assigned parameters,
-``copy_`` under ``no_grad`` all change the bytes or the tensor compared. Bytes are compared as
-integers of the same width, so a NaN matches itself and ``-0.0`` does not match ``0.0``.
+the value was stored, and the hashable ``extra`` (hyper-parameters, input size, mode) is
+equal. The stored copy is private, so no weight-update idiom can slip past it: writes through
+``.data`` or a NumPy view (which bump no version counter), ``load_state_dict``, re-assigned
+parameters, ``copy_`` under ``no_grad`` all change the bytes or the tensor compared. Bytes
+are compared as such, so a NaN matches itself and ``-0.0`` does not match ``0.0``.
 
 Cost: each lookup reads every watched tensor once (O(#parameters), no arithmetic), and each
 stored value keeps one copy of its inputs. On CPU contiguous tensors are compared with the C
