@@ -149,7 +149,7 @@ class AuditReport:
             ]
             md.append("")
         claimed = ca.get("claimed_certified_accuracy", {})
-        md += ["## Certified accuracy", "", "| radius | vouched (r / (1 + τ)) | claimed |",
+        md += ["## Certified accuracy", "", "| r | vouched: radius / (1 + τ) > r | claimed: radius > r |",
                "|---|---|---|", f"| clean | {_pct(ca.get('clean_accuracy'))} | |"]
         md += [f"| {r} | {_pct(v)} | {_pct(claimed.get(r))} |"
                for r, v in ca.get("certified_accuracy", {}).items()]
