@@ -149,8 +149,9 @@ class AuditReport:
             ]
             md.append("")
         claimed = ca.get("claimed_certified_accuracy", {})
-        md += ["## Certified accuracy", "", "| r | vouched: radius / (1 + τ) > r | claimed: radius > r |",
-               "|---|---|---|", f"| clean | {_pct(ca.get('clean_accuracy'))} | |"]
+        md += ["## Certified accuracy", "",
+               "| r | vouched: radius / (1 + τ) > r | claimed: radius > r |", "|---|---|---|",
+               f"| clean | {_pct(ca.get('clean_accuracy'))} | |"]
         md += [f"| {r} | {_pct(v)} | {_pct(claimed.get(r))} |"
                for r, v in ca.get("certified_accuracy", {}).items()]
         if ca.get("promise"):
