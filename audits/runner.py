@@ -324,7 +324,8 @@ def audit(
     auditor_errors = list(lip.get("auditor_errors", [])) if "lipschitz" in checks else []
     cert_violations = (
         certifier_violations(model, cert, kind, upper, tolerance)
-        if certifier is not None and claim is not None and upper is not None else []
+        if certifier is not None and claim is not None and upper is not None
+        and math.isfinite(upper) else []  # an infinite bound supports no radius, refutes none
     )
     recheck = (attack_dict or {}).get("settings", {}).get("recheck", "float64")
     verdict, verdict_reasons = decide(

@@ -412,3 +412,16 @@ def test_cli_help_says_which_map_lipschitz_bounds(capsys):
         main(["audit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "features" in help_text and "logits" in help_text and "'lln'" in help_text
+
+
+def test_an_infinite_upper_bound_refutes_no_certifier_radius():
+    """U = inf supports no radius, but it is no evidence against one either."""
+    steep = [nn.LeakyReLU(1e38) for _ in range(9)]  # bound 1e38 each: the product is inf
+    model = two_pixel(linear(2 * torch.eye(2)), *steep)  # positive inputs: slope 1 regions
+    x = points(4)
+    cert = lipverify.certify(model, x, lipschitz=2.0)
+    rep = audit(model, x, lipschitz=2.0, certifier=lambda _x: (cert.pred, cert.radius),
+                checks=LIP, lipschitz_points=2)
+    assert rep.lipschitz_upper == math.inf
+    assert rep.certificate_violations == []
+    assert rep.verdict == "inconclusive", rep.reasons
