@@ -70,7 +70,6 @@ Guarantees (float64 throughout):
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -484,11 +483,6 @@ def _is_linear_layer(layer: nn.Module) -> bool:
 # per-layer upper bounds
 
 
-def _constant_bound(layer: nn.Module) -> tuple[float | None, str] | None:
-    """The catalogue's bound (:mod:`lipverify.audits.catalogue`), with its condition checked."""
-    return catalogue_bound(layer)
-
-
 def _soc_upper(layer: SOC, shape: Sequence[int], exact_max_dim: int) -> tuple[float, str]:
     c, h, w = shape
     s, k = layer.stride, layer.kernel_size
@@ -572,7 +566,7 @@ def _maxpool_upper(layer: nn.MaxPool2d) -> tuple[float, str] | None:
 
 
 def _upper(layer: nn.Module, shape: Sequence[int], exact_max_dim: int) -> tuple:
-    const = _constant_bound(layer)
+    const = catalogue_bound(layer)  # its condition checked; None: not in the catalogue
     if const is not None:
         return const
     if _own_forward(layer, Normalize):
@@ -882,12 +876,8 @@ def top_direction(
 
 
 def _float64_copy(module: nn.Module) -> nn.Module | None:
-    try:
-        dup = copy.deepcopy(module)
-        dup.to(torch.float64)
-        return dup.eval()
-    except (RuntimeError, TypeError, ValueError, copy.Error):
-        return None
+    """An eval-mode float64 copy (:func:`~lipverify.audits.twin.float64_twin`), or None."""
+    return float64_twin(module)[0]
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -989,7 +979,7 @@ def composition(model: nn.Module, map: str) -> tuple[list[tuple[str, nn.Module]]
 def _upper_known_type(layer: nn.Module) -> bool:
     """Whether :func:`layer_upper_bound` has a route for this layer type."""
     return (
-        _constant_bound(layer) is not None
+        catalogue_bound(layer) is not None
         or _own_forward(layer, (Normalize, LLN, SOC))
         or torch_type(layer) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
         or any(_route(layer, a) for a in ("orthogonal_weight", "frequency_matrices"))
