@@ -27,7 +27,8 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrizations as _param
 from torch.nn.utils import parametrize
 
-__all__ = ["READ_PARAMETRIZATIONS", "unseen_code", "torch_type", "repeated_application"]
+__all__ = ["READ_PARAMETRIZATIONS", "unseen_code", "non_finite", "torch_type",
+           "repeated_application"]
 
 READ_PARAMETRIZATIONS: tuple[type, ...] = (
     _param._Orthogonal, _param._SpectralNorm, _param._WeightNorm,
@@ -69,10 +70,6 @@ def unseen_code(model: nn.Module) -> list[str]:
     """Reasons why per-layer bounds of ``model`` would not cover what it runs (empty: none
     found). Each names the module (``<root>`` for the model itself) and what to change."""
     reasons = _global_hooks()
-    inside_parametrization: set[int] = set()
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            inside_parametrization |= {id(s) for s in m.parametrizations.modules()}
     for name, m in model.named_modules():
         where = name or "<root>"
         if m._forward_hooks or m._forward_pre_hooks:
@@ -89,6 +86,19 @@ def unseen_code(model: nn.Module) -> list[str]:
             reasons.append(f"{where}: parametrized ({', '.join(kinds)}); only "
                            f"{', '.join(c.__name__ for c in READ_PARAMETRIZATIONS)} on the "
                            "weight of nn.Linear/nn.Conv2d are read by the bounds")
+    return reasons + non_finite(model)
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """Non-finite parameters and buffers (outside parametrizations' own state) and non-finite
+    read-through parametrized weights, one reason each."""
+    reasons: list[str] = []
+    inside_parametrization: set[int] = set()
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            inside_parametrization |= {id(s) for s in m.parametrizations.modules()}
+    for name, m in model.named_modules():
+        where = name or "<root>"
         if id(m) in inside_parametrization:
             continue  # the parametrization's own state (original, u, v) is checked via .weight
         for pname, t in list(m.named_parameters(recurse=False)) + list(

@@ -46,29 +46,29 @@ from torch import nn
 from lipverify.audits.lipschitz import (
     _PROBE_RTOL,
     DEFAULT_EXACT_MAX_DIM,
-    Linearization,
     _bcop_filter,
     _cayley_matrices,
     _circular_space_to_depth,
-    _exp_tail,
     _float64_copy,
     _forward_mismatch,
-    _generator,
-    _gram_eigenvalues,
-    _inflate,
     _is_lipconvnet,
     _lipconvnet_units,
     _own_forward,
     _soc_operator,
     _walk,
     check_points,
-    conv_frequency_matrices,
-    conv_frequency_norm,
     eval_mode,
-    frequency_singular_values,
-    lanczos,
     record_inputs,
     soc_matrix,
+)
+from lipverify.audits.lower import Linearization, _generator, lanczos
+from lipverify.audits.operators import (
+    _exp_tail,
+    _gram_eigenvalues,
+    _inflate,
+    conv_frequency_matrices,
+    conv_frequency_norm,
+    frequency_singular_values,
 )
 from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
 from lipverify.layers.last import LLN

@@ -79,8 +79,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipverify.audits.capture import (
+    CaptureRefused,
+    capture,
+    frozen_parametrizations,
+    graph_evaluator,
+    release,
+)
 from lipverify.audits.catalogue import catalogue_bound
-from lipverify.audits.coverage import repeated_application, torch_type, unseen_code
+from lipverify.audits.coverage import non_finite, torch_type
+from lipverify.audits.graph import GraphBound, bound_graph
+from lipverify.audits.lower import (
+    LOWER_SAFETY,
+    Linearization,
+    _generator,
+    _global_ascent,
+    _local_power,
+    _per_sample_norm,
+    _random_pairs,
+    _tensors,
+    lanczos,
+    top_direction,
+)
+from lipverify.audits.operators import (
+    SAFETY,
+    _inflate,
+    conv_frequency_matrices,
+    conv_frequency_norm,
+    conv_matrix,
+    dense_spectral_norm,
+    frequency_singular_values,
+    materialise,
+    soc_series_bound,
+)
 from lipverify.audits.twin import float64_twin
 from lipverify.errors import InputError
 from lipverify.layers.last import LLN
@@ -105,9 +136,6 @@ __all__ = [
     "DEFAULT_EXACT_MAX_DIM",
 ]
 
-SAFETY = 1e-6
-"""Relative float-safety margin applied to every computed upper bound."""
-
 DEFAULT_EXACT_MAX_DIM = 1024
 """Materialise a layer exactly when ``max(in_dim, out_dim) <= DEFAULT_EXACT_MAX_DIM``.
 
@@ -120,10 +148,6 @@ are used: for SOC at ``T = 12`` they exceed the exact norm by about ``1e-9`` plu
 exactness buys nothing there, while for a plain zero-padded ``nn.Conv2d`` on a tiny input the
 ``(n + k - 1)`` grid bound can be loose (still an upper bound): pass a larger
 ``exact_max_dim`` to tighten it."""
-
-LOWER_SAFETY = 1e-7
-"""Relative deflation of every reported lower bound: absorbs float64 rounding in the
-difference quotients (steps of at least 1e-4 in l2; measured rounding below 1e-9 relative)."""
 
 _ISOMETRIES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 
@@ -141,6 +165,7 @@ class LayerBound:
     upper: float | None
     lower: float | None
     method: str
+    cumulative: float | None = None
 
 
 @dataclass
@@ -189,14 +214,6 @@ class LipschitzResult:
 # small helpers
 
 
-def _inflate(value: float) -> float:
-    """Apply the safety margin; NaN and overflow become ``inf`` (never a small bound)."""
-    value = float(value)
-    if not math.isfinite(value):
-        return math.inf
-    return value * (1.0 + SAFETY)
-
-
 @contextmanager
 def eval_mode(module: nn.Module, freeze: bool = False) -> Iterator[nn.Module]:
     """Put ``module`` in eval mode (and, with ``freeze``, its parameters in
@@ -230,140 +247,12 @@ def _route(layer: nn.Module, attr: str) -> bool:
     return hasattr(layer, attr) and type(layer).__module__.startswith("lipverify.layers.")
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return int(math.prod(int(s) for s in shape))
-
-
 def _device(layer: nn.Module) -> torch.device:
     for t in layer.parameters():
         return t.device
     for t in layer.buffers():
         return t.device
     return torch.device("cpu")
-
-
-def materialise(
-    op: Callable[[torch.Tensor], torch.Tensor],
-    input_shape: Sequence[int],
-    device: torch.device | str = "cpu",
-    chunk: int = 256,
-) -> torch.Tensor:
-    """Dense float64 matrix (out_dim, in_dim) of the linear ``op`` on ``input_shape`` (per sample),
-    built by applying ``op`` to the identity basis in chunks."""
-    n = _numel(input_shape)
-    rows = []
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        e = torch.zeros(m, n, dtype=torch.float64, device=device)
-        e[torch.arange(m), start + torch.arange(m)] = 1.0
-        rows.append(op(e.view(m, *input_shape)).reshape(m, -1))
-    return torch.cat(rows).T
-
-
-def _gram_eigenvalues(j: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the smaller Gram matrix of ``j``: the squared singular values (all
-    ``min(out, in)`` of them, zeros included)."""
-    g = j.T @ j if j.shape[1] <= j.shape[0] else j @ j.T
-    return torch.linalg.eigvalsh(g)
-
-
-def dense_spectral_norm(j: torch.Tensor) -> float:
-    """Spectral norm of a dense float64 matrix (``inf`` if it is not finite)."""
-    if j.numel() == 0:
-        return 0.0
-    if not torch.isfinite(j).all():
-        return math.inf
-    return math.sqrt(max(float(_gram_eigenvalues(j).max()), 0.0))
-
-
-def conv_frequency_matrices(
-    weight: torch.Tensor, grid: tuple[int, int], dilation: tuple[int, int] = (1, 1)
-) -> Iterator[torch.Tensor]:
-    """Per-frequency matrices ``W_hat(u, v)`` (..., rows, n_v, cout, cin), complex128, of the
-    circular cross-correlation with real filter ``weight`` (..., cout, cin, kh, kw) on ``grid``
-    (taps at multiples of ``dilation``, wrapped modulo the grid), in chunks of frequency rows.
-    Only ``v <= n_w // 2`` is produced: ``W_hat(-w) = conj(W_hat(w))`` has the same singular
-    values. The cross-correlation's matrices are the complex conjugates of these up to a
-    unit phase, so the singular values are the same."""
-    w = weight.detach().to(torch.float64)
-    nh, nw = int(grid[0]), int(grid[1])
-    kh, kw = w.shape[-2:]
-    dev = w.device
-
-    def phases(n: int, k: int, d: int, freqs: int) -> torch.Tensor:
-        u = torch.arange(freqs, dtype=torch.int64, device=dev)[:, None]
-        i = torch.arange(k, dtype=torch.int64, device=dev)[None, :] * d
-        ang = (-2.0 * math.pi / n) * ((u * i) % n).to(torch.float64)
-        return torch.polar(torch.ones_like(ang), ang)
-
-    eh = phases(nh, kh, dilation[0], nh)
-    ew = phases(nw, kw, dilation[1], nw // 2 + 1)
-    wc = w.to(torch.complex128)
-    per_row = 16 * (nw // 2 + 1) * max(1, w[..., 0, 0].numel())
-    rows = max(1, (1 << 27) // per_row)
-    for start in range(0, nh, rows):
-        yield torch.einsum("...ocij,ui,vj->...uvoc", wc, eh[start:start + rows], ew)
-
-
-def conv_frequency_norm(
-    weight: torch.Tensor, grid: tuple[int, int], dilation: tuple[int, int] = (1, 1)
-) -> float:
-    """``max_w ||W_hat(w)||_2`` over the frequencies of the circular ``grid``: the exact norm of
-    the circular convolution with real filter ``weight`` (..., cout, cin, kh, kw) on that grid.
-    Leading dimensions are independent blocks (e.g. groups); the maximum is over them too.
-    Float64, exact (Hermitian eigensolver) per frequency; ``inf`` for a non-finite filter."""
-    if not torch.isfinite(weight).all():
-        return math.inf
-    return max(float(frequency_singular_values(m).max())
-               for m in conv_frequency_matrices(weight, grid, dilation))
-
-
-def frequency_singular_values(mats: torch.Tensor) -> torch.Tensor:
-    """All ``min(rows, cols)`` singular values of a batch of (complex) matrices, float64, from
-    the eigenvalues of the smaller Gram matrix (Hermitian eigensolver)."""
-    mats = mats.to(torch.complex128 if mats.is_complex() else torch.float64)
-    if mats.shape[-1] <= mats.shape[-2]:
-        g = mats.mH @ mats
-    else:
-        g = mats @ mats.mH
-    return torch.linalg.eigvalsh(g).clamp_min(0).sqrt()
-
-
-def _exp_partial(a: float, terms: int) -> float:
-    """``sum_{i<=terms} a^i / i!`` (float64; ``inf`` on overflow)."""
-    total, term = 1.0, 1.0
-    for i in range(1, terms + 1):
-        term = term * a / i
-        total += term
-    return total if math.isfinite(total) else math.inf
-
-
-def _exp_tail(a: float, terms: int) -> float:
-    """``sum_{i>terms} a^i / i!`` (float64; ``inf`` when ``e^a`` overflows)."""
-    if a <= 0.0:
-        return 0.0
-    if a > 700.0:
-        return math.inf
-    term = math.exp((terms + 1) * math.log(a) - math.lgamma(terms + 2))
-    total, i = 0.0, terms + 1
-    while term > 0.0 and (term > 1e-18 * total or i <= 2 * a):
-        total += term
-        i += 1
-        term = term * a / i
-    return total
-
-
-def soc_series_bound(a: float, terms: int, skew: bool = True) -> float:
-    """Upper bound on ``||sum_{i<=T} A^i / i!||`` given ``||A|| <= a`` (not inflated).
-
-    With ``A`` skew-symmetric, ``exp(A)`` is orthogonal and the truncated series differs from
-    it by the tail: ``<= 1 + sum_{i>T} a^i/i!``. The triangle inequality gives
-    ``sum_{i<=T} a^i/i!`` without skewness. Returns the smaller valid one.
-    """
-    if not math.isfinite(a):
-        return math.inf
-    partial = _exp_partial(a, terms)
-    return min(1.0 + _exp_tail(a, terms), partial) if skew else partial
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,28 +276,6 @@ def _soc_operator(layer: SOC) -> tuple[Callable[[torch.Tensor], torch.Tensor], t
         return layer.series(layer.prepare_input(x), a, terms)[:, : layer.out_channels]
 
     return op, a32, terms
-
-
-def conv_matrix(filt: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Dense float64 matrix (cout*n*m, cin*n*m) of the stride-1 cross-correlation with ``filt``
-    (cout, cin, kh, kw), odd kernel, zero padding ``k // 2``, on an ``n x m`` grid, in NCHW
-    flattening order: ``sum_taps kron(filt[:, :, i, j], shift_i (x) shift_j)``."""
-    filt = filt.to(torch.float64)
-    kh, kw = filt.shape[-2:]
-    dev = filt.device
-
-    def shift(size: int, d: int) -> torch.Tensor:  # S[p, p + d] = 1
-        if abs(d) >= size:
-            return torch.zeros(size, size, dtype=torch.float64, device=dev)
-        return torch.diag(torch.ones(size - abs(d), dtype=torch.float64, device=dev), d)
-
-    mat = None
-    for i in range(kh):
-        for j in range(kw):
-            s = torch.kron(shift(n, i - kh // 2), shift(m, j - kw // 2))
-            term = torch.kron(filt[:, :, i, j], s)
-            mat = term if mat is None else mat + term
-    return mat
 
 
 def soc_matrix(layer: SOC, n: int, m: int) -> torch.Tensor:
@@ -722,166 +589,9 @@ def layer_upper_bound(
 # linearisation helpers (autograd, reusable graph)
 
 
-class Linearization:
-    """``J v`` and ``J^T u`` of a batched map ``f`` at ``z``, reusing one autograd graph.
-
-    ``J v`` uses the double-backward identity ``J v = d/du <J^T u, v>``. Samples in a batch are
-    independent (eval mode), so a batch of directions gives per-sample products.
-    """
-
-    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> None:
-        self.z = z.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            self.y = f(self.z)
-            self.u0 = torch.zeros_like(self.y, requires_grad=True)
-            g = None
-            if self.y.requires_grad:  # else f does not depend on z (differentiably)
-                (g,) = torch.autograd.grad(
-                    self.y, self.z, self.u0, create_graph=True, allow_unused=True
-                )
-        self.g = g
-
-    def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        if self.g is None or not self.g.requires_grad:
-            return torch.zeros_like(self.y)
-        (jv,) = torch.autograd.grad(self.g, self.u0, v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.y) if jv is None else jv
-
-    def vjp(self, u: torch.Tensor) -> torch.Tensor:
-        if not self.y.requires_grad:
-            return torch.zeros_like(self.z)
-        (w,) = torch.autograd.grad(self.y, self.z, u, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.z) if w is None else w
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).norm(dim=1)
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    n = _per_sample_norm(v).clamp_min(1e-300)
-    return v / n.view(-1, *([1] * (v.dim() - 1)))
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).reshape(a.shape[0], -1).sum(1)
-
-
-def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-@dataclass
-class Krylov:
-    """Per-sample Lanczos result on a PSD operator ``G``: extreme Ritz values and unit vectors.
-    By Cauchy interlacing ``lam_min <= theta_min <= theta_max <= lam_max``."""
-
-    theta_max: torch.Tensor
-    y_max: torch.Tensor
-    theta_min: torch.Tensor
-    y_min: torch.Tensor
-    steps: int
-
-
-def lanczos(
-    apply_g: Callable[[torch.Tensor], torch.Tensor],
-    v: torch.Tensor,
-    iters: int,
-    mask: torch.Tensor | None = None,
-    rtol: float = 1e-7,
-) -> Krylov:
-    """Lanczos on the PSD operator ``G`` (e.g. ``J^T J``), batched over samples, with full
-    re-orthogonalisation: the Krylov-accelerated power iteration. Runs at most ``iters``
-    products and stops when every sample's extreme Ritz values change by less than ``rtol``
-    (or its Krylov space is invariant). ``mask`` restricts ``G`` to ``P G P``,
-    ``P = diag(mask)``."""
-    b = v.shape[0]
-    dev = v.device
-    q = _unit(v if mask is None else v * mask)
-    basis = [q]
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    steps = torch.zeros(b, dtype=torch.int64)  # valid Lanczos steps per sample
-    alive = torch.ones(b, dtype=torch.bool)
-    done = torch.zeros(b, dtype=torch.bool)
-    prev: list[tuple[float, float] | None] = [None] * b
-    ritz: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * b
-    for _ in range(max(1, iters)):
-        w = apply_g(basis[-1])
-        if mask is not None:
-            w = w * mask
-        if not torch.isfinite(w).all():
-            break
-        active = alive & ~done
-        alphas.append(_dot(w, basis[-1]).to(torch.float64).cpu())
-        steps += active.to(torch.int64)
-        for _ in range(2):  # classical Gram-Schmidt, twice
-            for qq in basis:
-                w = w - _bcast(_dot(w, qq), w) * qq
-        beta = _per_sample_norm(w).to(torch.float64).cpu()
-        scale = torch.stack(alphas).abs().max(0).values.clamp_min(1e-300)
-        alive = alive & (beta > 1e-10 * scale)
-        betas.append(torch.where(alive, beta, torch.zeros_like(beta)))
-        for i in range(b):
-            if not active[i]:
-                continue
-            k = int(steps[i])
-            t = torch.diag(_column(alphas, i, k))
-            if k > 1:
-                off = _column(betas, i, k)[:-1]
-                t = t + torch.diag(off, 1) + torch.diag(off, -1)
-            evals, evecs = torch.linalg.eigh(t)
-            ritz[i] = (evals, evecs)
-            cur = (float(evals[-1]), float(evals[0]))
-            old = prev[i]
-            top = max(abs(cur[0]), 1e-300)
-            if old is not None and max(abs(cur[0] - old[0]), abs(cur[1] - old[1])) <= rtol * top:
-                done[i] = True
-            prev[i] = cur
-        if bool((done | ~alive).all()):
-            break
-        keep = _bcast((alive & ~done).to(torch.float64), w).to(dev)
-        basis.append(w / _bcast(torch.where(alive, beta, torch.ones_like(beta)), w).to(dev)
-                     * keep)
-    zero = torch.zeros(b, dtype=torch.float64)
-    tmax, tmin = zero.clone(), zero.clone()
-    ymax, ymin = basis[0].clone(), basis[0].clone()
-    for i in range(b):
-        if ritz[i] is None:
-            continue
-        evals, evecs = ritz[i]
-        k = evals.shape[0]
-        stack = torch.stack([basis[j][i] for j in range(k)])  # (k, ...)
-        tmax[i], tmin[i] = evals[-1].clamp_min(0), evals[0].clamp_min(0)
-        for col, y in ((evecs[:, -1], ymax), (evecs[:, 0], ymin)):
-            coef = col.to(stack.dtype).to(dev).reshape(k, *[1] * (stack.dim() - 1))
-            y[i] = (stack * coef).sum(0)
-    return Krylov(tmax.to(dev), _unit(ymax), tmin.to(dev), _unit(ymin), int(steps.max()))
-
-
-def _column(values: list[torch.Tensor], i: int, k: int) -> torch.Tensor:
-    """The first ``k`` valid entries of sample ``i`` (a sample's entries stop when it stops)."""
-    return torch.stack([t[i] for t in values[:k]])
-
-
-def top_direction(
-    lin: Linearization, v: torch.Tensor, iters: int, mask: torch.Tensor | None = None,
-    rtol: float = 1e-7,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top right-singular direction estimate of ``J`` per sample (Lanczos on ``J^T J``) and its
-    attained ``||J y||`` (``y`` unit): a genuine lower bound on ``||J||``."""
-    kry = lanczos(lambda u: lin.vjp(lin.jvp(u)), v, iters, mask=mask, rtol=rtol)
-    y = kry.y_max
-    return y, _per_sample_norm(lin.jvp(y)).to(torch.float64)
-
-
 def _float64_copy(module: nn.Module) -> nn.Module | None:
     """An eval-mode float64 copy (:func:`~lipverify.audits.twin.float64_twin`), or None."""
     return float64_twin(module)[0]
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
 
 
 def layer_lower_bound(
@@ -1037,113 +747,32 @@ def check_points(x: torch.Tensor) -> torch.Tensor:
 # whole-model lower bounds
 
 
-def _ratios(
-    f: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor
-) -> torch.Tensor:
-    """``||f(a) - f(b)|| / ||a - b||`` per pair, float64 (0 where ``||a - b|| <= 1e-6``, too
-    close for a meaningful quotient, or where it is not finite)."""
-    with torch.no_grad():
-        dtype = next((p.dtype for p in _tensors(f)), a.dtype)
-        a, b = a.to(dtype), b.to(dtype)
-        num = _per_sample_norm(f(a) - f(b)).to(torch.float64)
-        den = _per_sample_norm(a - b).to(torch.float64)
-    r = torch.where(den > 1e-6, num / den.clamp_min(1e-300), torch.zeros_like(num))
-    return torch.where(torch.isfinite(r), r, torch.zeros_like(r))
-
-
-def _tensors(f: Callable) -> Iterator[torch.Tensor]:
-    owner = getattr(f, "__self__", f)
-    if isinstance(owner, nn.Module):
-        yield from (t for t in owner.parameters() if t.is_floating_point())
-        yield from (t for t in owner.buffers() if t.is_floating_point())
-
-
-def _local_power(
-    f32: Callable, f64: Callable, xs: torch.Tensor, gen: torch.Generator, iters: int
-) -> tuple[float, torch.Tensor]:
-    """Power iteration on ``J^T J`` at each point (directions kept inside ``[0,1]``), then the
-    attained finite-difference ratio in float64 along the best direction."""
-    mask = ((xs > 0) & (xs < 1)).to(xs.dtype)
-    v0 = torch.randn(xs.shape, generator=gen).to(device=xs.device, dtype=xs.dtype)
-    lin = Linearization(f32, xs)
-    v, _ = top_direction(lin, v0, iters, mask=mask, rtol=1e-6)
-    del lin
-    x64 = xs.to(torch.float64)
-    v64 = _unit(v.to(torch.float64))
-    h = 1e-3  # l2 step: rounding error ~1e-10 relative, far below LOWER_SAFETY
-    b = torch.cat([(x64 + h * v64).clamp(0, 1), (x64 - h * v64).clamp(0, 1)])
-    r = _ratios(f64, torch.cat([x64, x64]), b).cpu()
-    best = torch.maximum(r[: xs.shape[0]], r[xs.shape[0]:])
-    return float(best.max()), v.detach()
-
-
-def _global_ascent(
-    f32: Callable, f64: Callable, xs: torch.Tensor, v: torch.Tensor, gen: torch.Generator,
-    steps: int,
-    max_pairs: int = 2,
-    lr: float = 1e-2,
-) -> float:
-    """Adam ascent on ``log ||f(a) - f(b)|| - log ||a - b||`` over pairs in ``[0, 1]``, started
-    at (x, x + 0.1 v) with ``v`` the local top direction (half the pairs) or a random one.
-    Runs on the ``max_pairs`` points with the largest local ratio: each step costs a forward and
-    a backward pass of two points per pair (about 0.4 s per pair on one core for LipConvNet-5,
-    16 channels). Each pair's best ratio (distance > 1e-4) and its final one are recomputed in
-    float64."""
-    if xs.shape[0] > max_pairs:  # spend the ascent on the points with the largest local ratio
-        keep = torch.argsort(_ratios(f32, xs, (xs + 1e-3 * _unit(v)).clamp(0, 1)),
-                             descending=True)[:max_pairs].to(xs.device)
-        xs, v = xs[keep], v[keep]
-    n = xs.shape[0]
-    rnd = _unit(torch.randn(xs.shape, generator=gen).to(device=xs.device, dtype=xs.dtype))
-    d = torch.where(torch.arange(n, device=xs.device).view(-1, *[1] * (xs.dim() - 1)) % 2 == 0,
-                    _unit(v), rnd)
-    a = xs.detach().clone()
-    b = (xs + 0.1 * d).clamp(0, 1).detach()
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.Adam([a, b], lr=lr)
-    best_r = torch.zeros(n, dtype=torch.float64, device=xs.device)
-    best_a, best_b = a.detach().clone(), b.detach().clone()
-    for _ in range(max(0, steps)):
-        out = f32(torch.cat([a, b]))
-        num = _per_sample_norm(out[:n] - out[n:])
-        den = _per_sample_norm(a - b)
-        r = (num / den.clamp_min(1e-12)).detach().to(torch.float64)
-        ok = (den.detach() > 1e-4) & torch.isfinite(r) & (r > best_r)
-        best_r = torch.where(ok, r, best_r)
-        best_a[ok], best_b[ok] = a.detach()[ok], b.detach()[ok]
-        loss = -(torch.log(num.clamp_min(1e-30)) - torch.log(den.clamp_min(1e-30))).sum()
-        a.grad, b.grad = torch.autograd.grad(loss, [a, b])  # inputs only: no weight grads
-        opt.step()
-        with torch.no_grad():
-            a.clamp_(0, 1)
-            b.clamp_(0, 1)
-    final = _ratios(f64, a.detach(), b.detach())
-    kept = _ratios(f64, best_a, best_b)
-    return float(torch.maximum(final, kept).max())
-
-
-def _random_pairs(
-    f32: Callable, f64: Callable, xs: torch.Tensor, gen: torch.Generator, keep: int = 8
-) -> float:
-    """Random nearby pairs (l2 radii 1e-3 .. 1, clamped to [0,1]) and pairs of data points,
-    screened in the working dtype; the best ``keep`` are recomputed in float64."""
-    a_list, b_list = [], []
-    for r in (1e-3, 1e-2, 1e-1, 1.0):
-        d = _unit(torch.randn(xs.shape, generator=gen).to(device=xs.device, dtype=xs.dtype))
-        a_list.append(xs)
-        b_list.append((xs + r * d).clamp(0, 1))
-    if xs.shape[0] > 1:
-        a_list.append(xs)
-        b_list.append(xs.roll(1, 0))
-    a, b = torch.cat(a_list), torch.cat(b_list)
-    r32 = torch.cat([_ratios(f32, a[i:i + 64], b[i:i + 64]) for i in range(0, a.shape[0], 64)])
-    idx = torch.argsort(r32, descending=True)[:keep]
-    return float(_ratios(f64, a[idx], b[idx]).max()) if idx.numel() else 0.0
-
-
 # --------------------------------------------------------------------------------------------
 # the audit
+
+
+def _node_layers(gb: GraphBound, iters: int, seed: int, notes: list[str]) -> list[LayerBound]:
+    """The report's per-node rows: each node's own bound (``upper``; for merges its
+    cumulative bound) and cumulative bound; lipverify's layers also get an attained lower
+    bound and the SOC note."""
+    leaves = {name: (module, shape) for name, module, shape in gb.leaves}
+    rows = []
+    for i, nb in enumerate(gb.nodes):
+        lb = None
+        if nb.module in leaves and nb.op == type(leaves[nb.module][0]).__name__:
+            module, shape = leaves[nb.module]
+            lb = layer_lower_bound(module, shape, iters=iters, seed=seed + 1 + i)
+            if _own_forward(module, SOC) and nb.local is not None and nb.local > 1 + 1e-3:
+                sigma = float(module.sigma().detach())
+                notes.append(
+                    f"{nb.module} (SOC): guaranteed bound {nb.local:.4g} > 1 with sigma = "
+                    f"{sigma:.4g} and T = {module.eval_terms}: the truncated series is not "
+                    "orthogonal (stale or negative sigma, or too few Taylor terms)")
+        name = nb.module if nb.module in leaves and lb is not None else (
+            f"{nb.module}:{nb.name}" if nb.module else nb.name)
+        upper = nb.local if nb.local is not None else nb.cumulative
+        rows.append(LayerBound(name, nb.op, upper, lb, nb.rule, cumulative=nb.cumulative))
+    return rows
 
 
 def lipschitz_audit(
@@ -1169,60 +798,49 @@ def lipschitz_audit(
     map = resolve_map(model, map)
     gen = _generator(seed)
     notes: list[str] = []
-    refusals: list[str] = unseen_code(model)  # before record_inputs adds its own hooks
+    refusals: list[str] = []
     xs = x[:max_points].detach()
-    with eval_mode(model, freeze=True):
+    layers: list[LayerBound] = []
+    upper: float | None = None
+    cap = None
+    with eval_mode(model, freeze=True), frozen_parametrizations():
         f32 = _claimed_map(model, map)
-        units, known = composition(model, map)
-        inputs = record_inputs(f32, xs[:1], [m for _, m in units])
-        if known:
-            refusals += repeated_application(
-                units, {k: len(v) for k, v in inputs.items()}, [m for _, m in units])
-        calls: dict[int, int] = {}
-        layers: list[LayerBound] = []
-        for i, (name, layer) in enumerate(units):
-            seen = inputs.get(id(layer), [])
-            k = calls.get(id(layer), 0)
-            calls[id(layer)] = k + 1
-            kind = type(layer).__name__
-            if k >= len(seen):
-                layers.append(LayerBound(name, kind, None, None, "not called by the map"))
-                continue
-            shape = tuple(seen[k].shape[1:])
-            ub, method = layer_upper_bound(layer, shape, exact_max_dim=exact_max_dim)
-            lb = layer_lower_bound(layer, shape, iters=power_iters, seed=seed + 1 + i)
-            layers.append(LayerBound(name, kind, ub, lb, method))
-            if ub is None and known:
-                refusals.append(f"{name} ({kind}): {method}")
-            elif ub is not None and not math.isfinite(ub):
-                notes.append(f"{name} ({kind}): infinite upper bound ({method})")
-            elif ub is not None and _own_forward(layer, SOC) and ub > 1 + 1e-3:
-                sigma = float(layer.sigma().detach())
-                notes.append(
-                    f"{name} (SOC): guaranteed bound {ub:.4g} > 1 with sigma = {sigma:.4g} and "
-                    f"T = {layer.eval_terms}: the truncated series is not orthogonal (stale or "
-                    "negative sigma, or too few Taylor terms)"
-                )
-        if not known:
-            refusals.append("the claimed map is not a composition the audit can follow "
-                            "(custom forward); per-layer bounds are informational")
-        upper: float | None = None
-        if known and units and not refusals and all(lb.upper is not None for lb in layers):
-            upper = 1.0
-            for layer in layers:
-                upper *= float(layer.upper)
-            upper = math.inf if math.isnan(upper) else upper
-
-        f64_module, why = float64_twin(model, xs[:1], call=lambda m, z: _claimed_map(m, map)(z))
-        lower_dtype = "float64"
-        if f64_module is None:
-            lower_dtype = str(next((t.dtype for t in _tensors(f32)), xs.dtype)).replace(
-                "torch.", "")
-            notes.append(f"{why}: lower bounds evaluated in the model's own dtype "
-                         f"({lower_dtype})")
-            f64 = f32
+        try:
+            cap = capture(model, xs, features=map == "features", seed=seed)
+        except CaptureRefused as exc:
+            refusals.append(str(exc))
+        if cap is not None:
+            try:
+                gb = bound_graph(cap, lambda m, s: layer_upper_bound(
+                    m, s, exact_max_dim=exact_max_dim), exact_max_dim=exact_max_dim)
+                refusals += gb.refusals + non_finite(model)
+                upper = gb.upper if not refusals else None
+                layers = _node_layers(gb, power_iters, seed, notes)
+                if cap.stateful:
+                    notes.append(
+                        f"stateful forward ({cap.stateful}): the bounds cover one frozen "
+                        "snapshot (parametrizations evaluated once, their state as it was); "
+                        "`lipverify export` writes that snapshot as plain ops")
+                f64_graph = None if gb.leaves or refusals else graph_evaluator(cap)
+            finally:
+                release(cap.handles)
         else:
-            f64 = _claimed_map(f64_module, map)
+            f64_graph = None
+        if f64_graph is not None:
+            f64, lower_dtype = f64_graph, "float64"
+        else:
+            f64_module, why = float64_twin(
+                model, xs[:1], call=lambda m, z: _claimed_map(m, map)(z))
+            lower_dtype = "float64"
+            if f64_module is None or cap is not None and cap.stateful:
+                why = why or "a stateful forward has no float64 copy of its snapshot"
+                lower_dtype = str(next((t.dtype for t in _tensors(f32)), xs.dtype)).replace(
+                    "torch.", "")
+                notes.append(f"{why}: lower bounds evaluated in the model's own dtype "
+                             f"({lower_dtype})")
+                f64 = f32
+            else:
+                f64 = _claimed_map(f64_module, map)
         lower_by: dict[str, float] = {}
         lower_by["local_power"], v = _local_power(f32, f64, xs, gen, power_iters)
         lower_by["global_ascent"] = _global_ascent(f32, f64, xs, v, gen, ascent_steps)

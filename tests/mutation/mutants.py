@@ -74,7 +74,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "soc-tail-0.9a",
         "SOC's tail bound 1 + sum_{i>T} a^i/i! evaluated at 0.9 a",
-        (Edit("audits/lipschitz.py", "1.0 + _exp_tail(a, terms)",
+        (Edit("audits/operators.py", "1.0 + _exp_tail(a, terms)",
               "1.0 + _exp_tail(0.9 * a, terms)"),),
         (G + "test_soc_series_bound_covers_dense_skew_series",
          G + "test_soc_layer_bound_with_few_terms_covers_the_exact_norm"),
@@ -113,7 +113,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "upper-safety-deflates",
         "the float-safety margin of upper bounds applied with the wrong sign",
-        (Edit("audits/lipschitz.py", "return value * (1.0 + SAFETY)",
+        (Edit("audits/operators.py", "return value * (1.0 + SAFETY)",
               "return value * (1.0 - SAFETY)"),),
         (G + "test_upper_bounds_carry_the_safety_margin",
          G + "test_normalization_bound_and_claim_use_the_smallest_std"),
