@@ -256,8 +256,8 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
     # the snapshot: parametrizations evaluated once, before export sees them
     with torch.no_grad():
         wrapper(x)
-    state = _state(model)
     with _as_leaves(model, x, wrapper) as handles:
+        state = _state(model)  # what the graph will hold: the state export reads
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -278,7 +278,9 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
                              "frozen copy (lipverify export)")
     cap = Captured(ep, tuple(x.shape[1:]), handles, stateful, notes)
     try:
-        _check(cap, wrapper, probe, seed)
+        # a stateful forward is compared from the state the graph holds (the snapshot)
+        _check(cap, wrapper, probe, seed,
+               (lambda: _put_state(model, state)) if stateful else (lambda: None))
     except CaptureRefused:
         release(handles)
         raise
@@ -306,7 +308,22 @@ def _state_refs(model: nn.Module) -> Iterator[tuple[str, tuple[nn.Module, str]]]
                 yield f"{name}.{k}", (m, k)
 
 
-def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int) -> None:
+def _put_state(model: nn.Module, state: list[tuple[str, torch.Tensor]]) -> None:
+    """Write back recorded tensor state (parameters, buffers, plain tensor attributes)."""
+    refs = dict(_state_refs(model))
+    sd = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in state:
+            if name in sd and isinstance(sd[name], torch.Tensor) and \
+                    sd[name].shape == value.shape:
+                sd[name].copy_(value)
+            elif name in refs:
+                owner, attr = refs[name]
+                setattr(owner, attr, value.clone())
+
+
+def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int,
+           reset: Callable[[], None]) -> None:
     gen = torch.Generator().manual_seed(seed + 7919)
     shape = (1, *cap.input_shape)
     xs = [probe[:1].detach()] + [
@@ -315,6 +332,7 @@ def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int) ->
     tol = _CHECK_RTOL.get(probe.dtype, 1e-3)
     with torch.no_grad():
         for x in xs:
+            reset()
             want = wrapper(x)
             got = run(x)
             if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
@@ -326,8 +344,13 @@ def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int) ->
                     "(relative) on a probe: the forward depends on something export does not "
                     "see (state, randomness); audit a frozen copy (lipverify export)")
         pair = torch.cat(xs[1:3])
+        reset()
         together = wrapper(pair)
-        alone = torch.cat([wrapper(xs[1]), wrapper(xs[2])])
+        reset()
+        first = wrapper(xs[1])
+        reset()
+        alone = torch.cat([first, wrapper(xs[2])])
+        reset()
         if not _mismatch(together, alone) <= tol:
             raise CaptureRefused("a sample's output depends on the other samples of its batch; "
                                  "per-sample certificates do not apply")

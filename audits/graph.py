@@ -118,6 +118,9 @@ class Var:
     shape: tuple[int, ...]
     L: float
     idx: torch.Tensor
+    src: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``(source index map, c^2 per entry)``: the value is an elementwise function of a
+    gather, entry ``i`` being ``c_i``-Lipschitz in source entry ``src[0][i]``."""
 
 
 @dataclass(eq=False)
@@ -294,11 +297,20 @@ class _Interpreter:
         self.nodes.append(NodeBound(node.name, str(node.target).removeprefix("aten."), path,
                                     local, L, rule))
 
-    def fresh(self, node: torch.fx.Node, L: float, local: float | None, rule: str) -> Var:
+    def fresh(self, node: torch.fx.Node, L: float, local: float | None, rule: str,
+              src: tuple[torch.Tensor, torch.Tensor] | None = None) -> Var:
         meta = node.meta["val"]
         shape = tuple((meta[0] if isinstance(meta, (list, tuple)) else meta).shape)
         self.record(node, local, L, rule)
-        return self.space.fresh(shape, L)
+        out = self.space.fresh(shape, L)
+        out.src = src
+        return out
+
+    @staticmethod
+    def elementwise(v: Var, c2: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``src`` of an elementwise function of ``v`` with squared constants ``c2``."""
+        base, w = v.src if v.src is not None else (v.idx, torch.ones_like(v.idx))
+        return base, w * c2
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> float:
@@ -356,7 +368,7 @@ class _Interpreter:
             return self.leaf(node, args)
         if t in _IDENTITY and isinstance(args[0], Var):
             v = args[0]
-            return Var(tuple(node.meta["val"].shape), v.L, v.idx)
+            return Var(tuple(node.meta["val"].shape), v.L, v.idx.contiguous(), v.src)
         if t is aten.cat.default:
             grouped = self.cat_groups(node, args)
             if grouped is not None:
@@ -390,7 +402,7 @@ class _Interpreter:
                 if _depends(extra):
                     raise Refused("a bound of the op depends on the input")
             c, why = unary
-            return self.fresh(node, c * v.L, c, why)
+            return self.fresh(node, c * v.L, c, why, self.elementwise(v, c * c))
         if t in (aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.add.Scalar,
                  aten.sub.Scalar, aten.rsub.Tensor):
             return self.add(node, args, kwargs)
@@ -436,6 +448,8 @@ class _Interpreter:
         idx_args = _to_idx(args)
         if t is aten.constant_pad_nd.default:
             idx_args = (idx_args[0], idx_args[1], 0.0)
+        if t in (aten.view.default, aten._unsafe_view.default):
+            t = aten.reshape.default  # index maps may be laid out differently in memory
         with torch.no_grad():
             out = t(*idx_args, **_raw(kwargs))
         meta = node.meta["val"]
@@ -469,7 +483,8 @@ class _Interpreter:
             a, b = n.args[0], n.args[1]
             if isinstance(env.get(getattr(a, "name", "")), Var) and \
                     isinstance(env.get(getattr(b, "name", "")), Var):
-                key = ("maxmin", frozenset((a.name, b.name)))
+                key = ("maxmin", frozenset((_content(env[a.name].idx),
+                                            _content(env[b.name].idx))))
                 return ("max" if n.target is aten.maximum.default else "min", key,
                         [env[a.name].idx, env[b.name].idx])
         if n.target is operator.getitem and n.args[1] == 0 and isinstance(n.args[0],
@@ -477,7 +492,8 @@ class _Interpreter:
             r = n.args[0]
             if r.target in (aten.max.dim, aten.min.dim, aten.sort.default, aten.sort.stable) \
                     and isinstance(env.get(r.args[0].name), Var):
-                key = ("reduce", r.args[0].name, r.args[1] if len(r.args) > 1 else -1)
+                key = ("reduce", _content(env[r.args[0].name].idx),
+                       r.args[1] if len(r.args) > 1 else -1)
                 kind = {aten.max.dim: "max", aten.min.dim: "min"}.get(r.target, "sort")
                 return kind, key, [env[r.args[0].name].idx]
         if n.target is aten.relu.default and isinstance(n.args[0], torch.fx.Node):
@@ -485,17 +501,20 @@ class _Interpreter:
             neg = a.target is aten.neg.default
             src = a.args[0] if neg else a
             if isinstance(src, torch.fx.Node) and isinstance(env.get(src.name), Var):
-                return ("neg" if neg else "pos"), ("crelu", src.name), [env[src.name].idx]
+                return ("neg" if neg else "pos"), ("crelu", _content(env[src.name].idx)), [
+                    env[src.name].idx]
         return None
 
     def cat_groups(self, node: torch.fx.Node, args: tuple) -> Var | None:
         pieces = list(node.args[0])
         pats = [self._pattern(p) for p in pieces]
-        if not any(pats):
+        if not any(pats) and not any(isinstance(v, Var) and v.src is not None
+                                     for v in args[0]):
             return None
         partner = {"max": "min", "min": "max", "pos": "neg", "neg": "pos", "sort": None}
         used = [False] * len(pieces)
         sources: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
         pairs = 0
         for i, pat in enumerate(pats):
             if used[i]:
@@ -504,7 +523,10 @@ class _Interpreter:
             if pat is None:
                 val = args[0][i]
                 if isinstance(val, Var):
-                    sources.append(val.idx.reshape(-1))
+                    idx, w = val.src if val.src is not None else (val.idx, None)
+                    sources.append(idx.reshape(-1))
+                    weights.append(torch.ones(idx.numel(), dtype=torch.float64) if w is None
+                                   else w.expand(idx.shape).reshape(-1))
                 continue
             kind, key, src = pat
             for j in range(i + 1, len(pieces)):
@@ -514,7 +536,8 @@ class _Interpreter:
                     pairs += 1
                     break
             sources += [t.reshape(-1) for t in src]
-        L = self.space.gather_lip(torch.cat(sources))
+            weights += [torch.ones(t.numel(), dtype=torch.float64) for t in src]
+        L = self.space.gather_lip(torch.cat(sources), torch.cat(weights))
         return self.fresh(node, L, None, f"cat with {pairs} sort/CReLU pair(s): 1-Lipschitz "
                           "from their sources jointly")
 
@@ -580,9 +603,14 @@ class _Interpreter:
         if not bool(torch.isfinite(c).all()):
             raise Refused("multiplication by a non-finite constant")
         k = float(c.abs().max()) if c.numel() else 0.0
-        grow = math.sqrt(math.prod(node.meta["val"].shape) / math.prod(a.shape))
+        shape = tuple(node.meta["val"].shape)
+        grow = math.sqrt(math.prod(shape) / math.prod(a.shape))
         local = inflate(k * grow) if div else k * grow
-        return self.fresh(node, local * a.L, local, "max |c| of the constant factor")
+        src = None
+        if shape == a.shape:
+            c2 = c.abs() ** 2 * ((1 + 1e-15) if not div else (1 + 2e-6))
+            src = self.elementwise(a, c2.expand(shape))
+        return self.fresh(node, local * a.L, local, "max |c| of the constant factor", src)
 
     def conv(self, node: torch.fx.Node, args: tuple) -> Var:
         x, w, _bias, stride, padding, dilation, transposed, _outpad, groups = args[:9]
@@ -858,6 +886,11 @@ def _to_idx(x: object) -> object:
     if isinstance(x, (list, tuple)):
         return type(x)(_to_idx(e) for e in x)
     return x
+
+
+def _content(t: torch.Tensor) -> tuple:
+    """A key equal for index maps with equal shape and entries."""
+    return tuple(t.shape), t.contiguous().numpy().tobytes()
 
 
 def _nonneg(c: torch.Tensor) -> bool:
