@@ -373,7 +373,9 @@ def snapshot(model: nn.Module, probe: torch.Tensor, *, features: bool = False
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ep = torch.export.export(wrapper, (x,), strict=False).run_decompositions()
+                    ep = torch.export.export(
+                        wrapper, (probe[:2].detach(),), strict=False,
+                        dynamic_shapes=({0: torch.export.Dim.AUTO},)).run_decompositions()
             except Exception as exc:  # noqa: BLE001
                 raise CaptureRefused(f"torch.export could not capture the model "
                                      f"({_one_line(exc)})") from None

@@ -299,11 +299,40 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model.to(map_location).eval()
 
 
+def load_exported(path: str | os.PathLike) -> nn.Module:
+    """A snapshot written by ``lipverify export`` (``torch.export`` format: a graph of ATen
+    ops and tensors; loading it runs no code of the model), as an eval-mode module."""
+    try:
+        module = ExportedModel(torch.export.load(str(path)).module())
+    except Exception as e:  # noqa: BLE001 - any failure is a bad file
+        raise CheckpointError(f"{path}: not a lipverify export snapshot ({_short(e)})") from None
+    module.checkpoint_sha256 = file_sha256(path)
+    return module
+
+
+class ExportedModel(nn.Module):
+    """An exported program as a module: its graph was traced in eval mode, so ``train()`` and
+    ``eval()`` only set the flag (the graph itself has no modes)."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedModel:  # noqa: D102
+        self.training = bool(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 def load_model(path: str | os.PathLike, **architecture: Any) -> nn.Module:
     """Load either a lipverify checkpoint or a reference-code checkpoint (eval mode).
 
     Any failure to interpret the file is a :class:`CheckpointError`.
     """
+    if str(path).endswith(".pt2"):
+        return load_exported(path)
     payload = safe_torch_load(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return load_checkpoint(path)

@@ -20,6 +20,7 @@ COMMANDS = {
     "certify": ("lipverify.certify_cmd", "print clean and certified accuracy of a checkpoint"),
     "audit": ("lipverify.audits.cli", "audit a checkpoint's certificates: sound or not?"),
     "replay": ("lipverify.audits.replay", "re-check saved violations in float32 and float64"),
+    "export": ("lipverify.export_cmd", "write one frozen evaluation of a model as plain ops"),
 }
 
 def _int_type(minimum: int):  # noqa: ANN202 - an argparse type
