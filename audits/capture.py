@@ -262,11 +262,15 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ep = torch.export.export(wrapper, (x,), strict=False)
-                ep = ep.run_decompositions()
+                ep = ep.run_decompositions(_decompositions())
         except Exception as exc:  # noqa: BLE001 - any failure is a refusal, said in one line
             release(handles)
+            from torch.nn.modules import module as _module
+
+            hint = "global forward hooks are registered; " if (
+                _module._global_forward_hooks or _module._global_forward_pre_hooks) else ""
             raise CaptureRefused(
-                f"torch.export could not capture the model ({_one_line(exc)}); make the "
+                f"torch.export could not capture the model ({_one_line(exc)}); {hint}make the "
                 "forward traceable (no data-dependent Python branches, no .item(), no state "
                 "updates in eval mode), or audit a plain copy (lipverify export)") from None
         finally:
@@ -285,6 +289,18 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
         release(handles)
         raise
     return cap
+
+
+def _decompositions() -> dict:
+    """Core ATen, except activations whose graph rule has a checked condition (softplus's
+    threshold) or a tighter constant than their decomposition."""
+    table = torch.export.default_decompositions()
+    aten = torch.ops.aten
+    for op in (aten.softplus.default, aten.silu.default, aten.hardswish.default,
+               aten.hardsigmoid.default, aten.elu.default, aten.leaky_relu.default,
+               aten.gelu.default, aten.hardtanh.default):
+        table.pop(op, None)
+    return table
 
 
 def _restore(model: nn.Module, state: list[tuple[str, torch.Tensor]]) -> None:

@@ -85,12 +85,11 @@ class Loop(nn.Module):
         return x
 
 
-def test_module_called_in_a_loop_is_refused_with_the_reason():
+def test_module_called_in_a_loop_is_bounded_once_per_application():
     lin = _double()
     model = two_pixel(lin, Loop(lin, 2))  # lin: listed once, applied three times
     res = lipschitz_audit(model, points(), seed=0)
-    assert res.upper is None
-    assert any("applied 3 time(s)" in r for r in res.refusals), res.refusals
+    assert res.upper == pytest.approx(8.0, rel=1e-5)  # the graph bounds every application
     rep = not_sound_or_bounded(model, points(), claim=2.0)["report"]
     assert rep.verdict != "sound"
 
@@ -142,7 +141,7 @@ def test_softplus_jump_is_a_counterexample_the_audit_does_not_vouch_for():
     rep = audit(model, x, lipschitz=1.0, checks=LIP, lipschitz_points=1)
     assert rep.verdict != "sound"
     assert rep.lipschitz_upper is None
-    assert any("threshold" in w for w in rep.warnings), rep.warnings
+    assert any("threshold" in w and "softplus" in w for w in rep.warnings), rep.warnings
 
 
 # -- class 3: hooks, instance forwards, parametrizations -----------------------------------------
@@ -171,34 +170,35 @@ def _tripled_by_parametrization(lin: nn.Linear) -> None:
 
 @pytest.mark.parametrize("tamper", [_tripled_by_hook, _tripled_by_pre_hook,
                                     _tripled_by_instance_forward, _tripled_by_parametrization])
-def test_code_the_bound_does_not_see_is_refused(tamper):
+def test_code_outside_the_weights_is_bounded_or_refused(tamper):
+    """The captured graph runs hooks, instance forwards and parametrizations as ops: the bound
+    covers them (at least the exact norm 3), or there is none; never a bound of 1."""
     lin = linear(orthonormal(2, 2, 7))
     model = two_pixel(lin)
     tamper(lin)
     res = not_sound_or_bounded(model, points(), claim=1.0)
     assert res["exact"] == pytest.approx(3.0, rel=1e-6)
     rep = res["report"]
-    assert rep.lipschitz_upper is None
-    assert rep.verdict != "sound"
-    refusals = [w for w in rep.warnings if w.startswith("no upper bound:")]
-    assert any(k in w for w in refusals for k in ("hook", "forward", "parametrized")), refusals
+    assert rep.lipschitz_upper is None or rep.lipschitz_upper >= 3.0 * (1 - 1e-9)
+    assert rep.verdict == "unsound"  # the attained ratio 3 exceeds the claim 1
 
 
-def test_a_hook_on_the_container_is_refused():
+def test_a_hook_on_the_container_is_bounded_or_refused():
     model = two_pixel(linear(orthonormal(2, 2, 7)))
     model.register_forward_hook(lambda _m, _i, out: 3 * out)
-    assert not_sound_or_bounded(model, points(), claim=1.0)["report"].lipschitz_upper is None
+    upper = not_sound_or_bounded(model, points(), claim=1.0)["report"].lipschitz_upper
+    assert upper is None or upper >= 3.0 * (1 - 1e-9)
 
 
-def test_global_forward_hooks_are_refused():
+def test_global_forward_hooks_are_bounded_or_refused():
     model = two_pixel(linear(orthonormal(2, 2, 7)))
     handle = nn.modules.module.register_module_forward_hook(lambda _m, _i, out: 3 * out)
     try:
         res = lipschitz_audit(model, points(), seed=0)
     finally:
         handle.remove()
-    assert res.upper is None
-    assert any("global" in r for r in res.refusals), res.refusals
+    assert res.upper is None or res.upper >= 3.0 * (1 - 1e-9)
+    assert res.upper is not None or any("global" in r for r in res.refusals), res.refusals
 
 
 @pytest.mark.parametrize("wrap, exact_one", [
@@ -237,9 +237,13 @@ def _fool_float64(model: nn.Sequential) -> None:
     model._apply = types.MethodType(_apply, model)
 
 
-def test_lower_above_upper_is_an_auditor_error_not_a_verdict():
+def test_lower_above_upper_is_an_auditor_error_not_a_verdict(monkeypatch):
     model = two_pixel(linear(orthonormal(2, 2, 9)))
     _fool_float64(model)
+    from lipverify.audits import lipschitz as lip
+
+    real = lip.graph_evaluator
+    monkeypatch.setattr(lip, "graph_evaluator", lambda cap: (lambda z: 3 * real(cap)(z)))
     rep = audit(model, points(), lipschitz=1.0, checks=LIP, lipschitz_points=4)
     assert rep.lipschitz_lower > rep.lipschitz_upper
     assert rep.verdict == "inconclusive"
@@ -303,7 +307,8 @@ def test_declared_lln_kind_is_used_by_certify_and_audit_alike():
     cert = lipverify.certify(model, x, lipschitz=features_claim)
     assert [s["radius"] for s in rep.samples] == pytest.approx(cert.radius.tolist(), rel=0,
                                                                 abs=0)
-    assert rep.verdict != "sound"  # a generic features map has no known composition
+    assert rep.verdict == "sound"  # the captured features map is bounded exactly
+    assert rep.lipschitz_upper == pytest.approx(features_claim, rel=1e-5)
 
 
 def test_unknown_certificate_kind_is_refused():
@@ -360,11 +365,10 @@ def test_model_that_cannot_run_in_float64_is_refused_not_crashed():
     model = Float32Only().eval()
     rep = audit(model, points(2), lipschitz=1.0, checks=("lipschitz", "gnp", "attacks"),
                 lipschitz_points=2)
-    assert rep.verdict == "inconclusive"
-    text = " ".join(rep.reasons + rep.warnings)
-    assert "does not run in float64" in text
-    assert "own dtype" in text
-    assert rep.lipschitz_lower > 0
+    # the captured graph runs in float64 (constants as the model computes them); the
+    # attacks' recheck, on a float64 copy of the module, says it fell back to float32
+    assert rep.verdict in ("sound", "inconclusive") and rep.lipschitz_lower > 0
+    assert rep.lipschitz_upper is not None
     assert "own dtype" in rep.attacks["settings"]["recheck"]
 
 

@@ -173,8 +173,8 @@ def _probe_ok(layer: SOC, op: DenseOperator, digest: str) -> bool:
 
 def _load(path: Path, layer: SOC, digest: str, rows: int, cols: int,
           device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    from lipverify.checkpoints import safe_torch_load
     from lipverify.errors import CheckpointError
+    from lipverify.safe_load import safe_torch_load
 
     if not path.is_file():
         return None
