@@ -136,15 +136,19 @@ class AuditReport:
             f"| claimed bound | {_fmt(self.lipschitz_claim)} |",
             f"| lower bound (attained, power iteration / ascent / pairs) | "
             f"{_fmt(self.lipschitz_lower)} |",
-            f"| upper bound (guaranteed, product of layer bounds) | "
+            f"| upper bound (guaranteed, composed over the captured graph) | "
             f"{_fmt(self.lipschitz_upper)} |",
             "",
         ]
         if self.layers:
-            md += ["| layer | kind | lower | upper | method |", "|---|---|---|---|---|"]
+            md += ["Each node of the captured graph: its own bound (upper), the bound of its "
+                   "value as a function of the input (cumulative), and the rule used.", "",
+                   "| node | kind | lower | upper | cumulative | rule |",
+                   "|---|---|---|---|---|---|"]
             md += [
                 f"| {lb['name']} | {lb['kind']} | {_fmt(lb.get('lower'))} | "
-                f"{_fmt(lb.get('upper'))} | {_cell(lb.get('method', ''))} |"
+                f"{_fmt(lb.get('upper'))} | {_fmt(lb.get('cumulative'))} | "
+                f"{_cell(lb.get('method', ''))} |"
                 for lb in self.layers
             ]
             md.append("")
@@ -273,7 +277,7 @@ class AuditReport:
                           fontsize=6)
             ax.set_yscale("log")
             ax.set_ylabel("operator norm")
-            ax.set_title("Per-layer Lipschitz bounds")
+            ax.set_title("Per-node Lipschitz bounds")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             out["layer_bounds.png"] = png(fig)

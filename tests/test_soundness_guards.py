@@ -193,10 +193,11 @@ def test_certified_means_radius_strictly_greater_than_r():
 
 
 class Halve(nn.Module):
-    """``x / 2``: 1/2-Lipschitz, but a layer type the auditor has no bound for."""
+    """``x / 2``: 1/2-Lipschitz, but computed through an input-dependent branch
+    (``where(x > 0, x, x)``) that the graph auditor has no rule for."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x
+        return 0.5 * torch.where(x > 0.5, x, x)
 
 
 def _diag_linear(diag: list[float]) -> nn.Linear:
