@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from lipverify.audits.capture import LEAF_OP, Captured, leaf_module
+from lipverify.audits.lemmas import identity_filter, sdp_residual_factor
 from lipverify.audits.operators import adaptive_multiplicity as _adaptive_mult
 from lipverify.audits.operators import (
     dense_spectral_norm,
@@ -121,6 +122,40 @@ class Var:
     src: tuple[torch.Tensor, torch.Tensor] | None = None
     """``(source index map, c^2 per entry)``: the value is an elementwise function of a
     gather, entry ``i`` being ``c_i``-Lipschitz in source entry ``src[0][i]``."""
+    lin: Lin | None = None
+    act: Act | None = None
+    res: Res | None = None
+
+
+@dataclass(eq=False)
+class Lin:
+    """The value is ``A(root) + const``: a conv (weight, geometry) or a dense map
+    (``root_flat @ weight.T``) of ``root``, weights in float64."""
+
+    root: Var
+    kind: str
+    weight: torch.Tensor
+    geom: tuple = ()
+
+    def scaled(self, c: float) -> Lin:
+        return Lin(self.root, self.kind, self.weight * c, self.geom)
+
+
+@dataclass(eq=False)
+class Act:
+    """The value is ``D * s(lin)``: ``s`` monotone with slope in [0, 1], ``D >= 0``."""
+
+    lin: Lin
+    d: torch.Tensor
+
+
+@dataclass(eq=False)
+class Res:
+    """The value is ``coef * K^T D s(K root + b)`` with ``n >= ||D^(1/2) K||``."""
+
+    root: Var
+    n: float
+    coef: float
 
 
 @dataclass(eq=False)
@@ -368,7 +403,8 @@ class _Interpreter:
             return self.leaf(node, args)
         if t in _IDENTITY and isinstance(args[0], Var):
             v = args[0]
-            return Var(tuple(node.meta["val"].shape), v.L, v.idx.contiguous(), v.src)
+            return Var(tuple(node.meta["val"].shape), v.L, v.idx.contiguous(), v.src, v.lin,
+                       v.act, v.res)
         if t is aten.cat.default:
             grouped = self.cat_groups(node, args)
             if grouped is not None:
@@ -402,7 +438,14 @@ class _Interpreter:
                 if _depends(extra):
                     raise Refused("a bound of the op depends on the input")
             c, why = unary
-            return self.fresh(node, c * v.L, c, why, self.elementwise(v, c * c))
+            out = self.fresh(node, c * v.L, c, why, self.elementwise(v, c * c))
+            if v.lin is not None and _monotone_01(node):
+                out.act = Act(v.lin, torch.ones((), dtype=torch.float64))
+            if t is aten.neg.default and v.res is not None:
+                out.res = Res(v.res.root, v.res.n, -v.res.coef)
+            if t is aten.neg.default and v.lin is not None:
+                out.lin = v.lin.scaled(-1.0)
+            return out
         if t in (aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.add.Scalar,
                  aten.sub.Scalar, aten.rsub.Tensor):
             return self.add(node, args, kwargs)
@@ -567,11 +610,87 @@ class _Interpreter:
             mean = self._centering(node, args)
             if mean is not None:
                 return mean
+            sign = -alpha if t in (aten.sub.Tensor, aten.sub.Scalar) else alpha
+            if t in (aten.rsub.Scalar, aten.rsub.Tensor):
+                sign = -alpha  # rsub(x, y) = y - alpha x, with a, b swapped above
+            merged = self._residual_lemma(node, a, b, sign)
+            if merged is not None:
+                return merged
             L = a.L + abs(alpha) * b.L
             return self.fresh(node, L, None, "triangle inequality")
         v, scale = (a, 1.0) if isinstance(a, Var) else (b, abs(alpha))
         grow = math.sqrt(math.prod(node.meta["val"].shape) / math.prod(v.shape))
-        return self.fresh(node, scale * grow * v.L, scale * grow, "shift by a constant")
+        out = self.fresh(node, scale * grow * v.L, scale * grow, "shift by a constant")
+        if grow == 1.0 and scale == 1.0:
+            out.lin = v.lin  # an affine shift keeps the linear part
+        return out
+
+    def _residual_lemma(self, node: torch.fx.Node, a: Var, b: Var, sign: float) -> Var | None:
+        """``a + sign * b`` by the SDP-residual lemma or as one merged linear map."""
+        triangle = a.L + abs(sign) * b.L
+        # y = x + s g = k (x + (s / k) g): (x, g, s, k) for g = b and, when sign != 0, g = a
+        cases = [(a, b, sign, 1.0)] + ([(b, a, 1.0 / sign, sign)] if sign else [])
+        for x, g, sg, k in cases:
+            if g.res is not None and _same(x, g.res.root):
+                c = -sg * g.res.coef
+                factor = inflate(abs(k) * sdp_residual_factor(c, g.res.n))
+                L = factor * x.L
+                if L <= triangle:
+                    return self.fresh(node, L, factor, f"SDP residual x - c K^T D s(Kx+b): "
+                                      f"max(1, c n^2 - 1) with c = {c:.6g}, n = "
+                                      f"||D^1/2 K|| <= {g.res.n:.6g}")
+        lin = self._merge(a, b, sign)
+        if lin is None:
+            return None
+        bound, how = self._lin_norm(lin, tuple(node.meta["val"].shape))
+        L = bound * lin.root.L
+        if not L <= triangle:
+            return None
+        out = self.fresh(node, L, bound, f"merged linear map of one value: {how}")
+        out.lin = lin
+        return out
+
+    def _merge(self, a: Var, b: Var, sign: float) -> Lin | None:
+        la, lb = self._as_lin(a, b), self._as_lin(b, a)
+        if la is None or lb is None or not _same(la.root, lb.root) or la.kind != lb.kind:
+            return None
+        if la.geom != lb.geom or la.weight.shape != lb.weight.shape:
+            return None
+        return Lin(la.root, la.kind, la.weight + sign * lb.weight, la.geom)
+
+    @staticmethod
+    def _as_lin(v: Var, other: Var) -> Lin | None:
+        """``v``'s linear record, or ``v`` itself as the identity in ``other``'s geometry."""
+        if v.lin is not None:
+            return v.lin
+        ol = other.lin
+        if ol is None or not _same(v, ol.root):
+            return None
+        if ol.kind == "dense":
+            n = ol.weight.shape[1]
+            if ol.weight.shape[0] != n:
+                return None
+            return Lin(v, "dense", torch.eye(n, dtype=torch.float64))
+        stride, padding, dilation, groups = ol.geom
+        if stride != (1, 1) or ol.weight.shape[0] != v.shape[1]:
+            return None
+        eye = identity_filter(v.shape[1], groups, tuple(ol.weight.shape[2:]), padding,
+                              dilation)
+        return None if eye is None else Lin(v, "conv", eye, ol.geom)
+
+    def _lin_norm(self, lin: Lin, out_shape: tuple[int, ...]) -> tuple[float, str]:
+        root = lin.root
+        if lin.kind == "dense":
+            return inflate(dense_spectral_norm(lin.weight)), "exact SVD"
+        stride, padding, dilation, groups = lin.geom
+        w = lin.weight
+        if max(math.prod(root.shape[1:]), math.prod(out_shape[1:])) <= self.exact_max_dim:
+            n = linear_norm(lambda z: F.conv2d(z, w, None, stride, padding, dilation, groups),
+                            root.shape[1:])
+            return inflate(n), "exact: float64 SVD of the materialised map"
+        bound, how = strided_conv_norm(w, tuple(root.shape[2:]), stride=stride,
+                                       padding=padding, dilation=dilation, groups=groups)
+        return inflate(bound), how
 
     def _centering(self, node: torch.fx.Node, args: tuple) -> Var | None:
         if node.target is not aten.sub.Tensor or len(args) > 2:
@@ -610,7 +729,16 @@ class _Interpreter:
         if shape == a.shape:
             c2 = c.abs() ** 2 * ((1 + 1e-15) if not div else (1 + 2e-6))
             src = self.elementwise(a, c2.expand(shape))
-        return self.fresh(node, local * a.L, local, "max |c| of the constant factor", src)
+        out = self.fresh(node, local * a.L, local, "max |c| of the constant factor", src)
+        if shape == a.shape:
+            scalar = float(c.reshape(-1)[0]) if c.numel() == 1 else None
+            if a.lin is not None and scalar is not None:
+                out.lin = a.lin.scaled(scalar)
+            if a.res is not None and scalar is not None:
+                out.res = Res(a.res.root, a.res.n, a.res.coef * scalar)
+            if a.act is not None and bool((c >= 0).all()):
+                out.act = Act(a.act.lin, a.act.d * c)
+        return out
 
     def conv(self, node: torch.fx.Node, args: tuple) -> Var:
         x, w, _bias, stride, padding, dilation, transposed, _outpad, groups = args[:9]
@@ -625,10 +753,17 @@ class _Interpreter:
             grid = tuple(node.meta["val"].shape[2:])  # the adjoint conv acts on the output
         src, circ, pad = self._padded_source(node, v, padding) if not transposed else (
             None, False, padding)
+        if transposed and v.act is not None:
+            res = self._sdp_adjoint(node, v, weight, args)
+            if res is not None:
+                return res
         in_numel = math.prod(v.shape[1:])
         out_numel = math.prod(node.meta["val"].shape[1:])
         if src is None and max(in_numel, out_numel) <= self.exact_max_dim:
-            return self._conv_dense(node, v, weight, args)
+            out = self._conv_dense(node, v, weight, args)
+            if not transposed:
+                out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups))
+            return out
         base = src if src is not None else v
         if src is not None:
             grid = tuple(src.shape[2:])
@@ -639,7 +774,51 @@ class _Interpreter:
         if src is not None:
             how = ("circularly" if circ else "zero") + " padded by the gather before it; " + how
         local = inflate(bound)
-        return self.fresh(node, local * base.L, local, how)
+        out = self.fresh(node, local * base.L, local, how)
+        if not transposed and src is None:
+            out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups))
+        return out
+
+    def _sdp_adjoint(self, node: torch.fx.Node, v: Var, weight: torch.Tensor,
+                     args: tuple) -> Var | None:
+        """``conv_transpose(D s(conv(u, K)), K)`` with the same filter and geometry: the
+        transposed conv is the exact adjoint of the first (its output back on ``u``'s shape),
+        so the value is ``K^T D s(K u + b)``; record ``n >= ||D^(1/2) K||``."""
+        _, _, _, stride, padding, dilation, _, _outpad, groups = args[:9]
+        lin = v.act.lin
+        if lin.kind != "conv" or lin.geom != _geom(stride, padding, dilation, groups):
+            return None
+        if lin.weight.shape != weight.shape or not torch.equal(lin.weight, weight):
+            return None
+        if tuple(node.meta["val"].shape) != tuple(lin.root.shape):
+            return None
+        d = v.act.d
+        if not bool(torch.isfinite(d).all()) or not bool((d >= 0).all()):
+            return None
+        st, pd, dl, gr = lin.geom
+        dfull = d.expand(v.shape) if d.dim() else d.expand(v.shape)
+        root = lin.root
+        if max(math.prod(root.shape[1:]), math.prod(v.shape[1:])) <= self.exact_max_dim:
+            sq = dfull.sqrt()
+            n = linear_norm(lambda z: sq * F.conv2d(z, weight, None, st, pd, dl, gr),
+                            root.shape[1:])
+            how = "exact SVD of D^1/2 K"
+        else:
+            per_channel = dfull.amax(dim=(0, 2, 3)).sqrt()
+            n, how = strided_conv_norm(weight * per_channel.view(-1, 1, 1, 1),
+                                       tuple(root.shape[2:]), stride=st, padding=pd,
+                                       dilation=dl, groups=gr)
+        n = inflate(n)
+        plain = self._conv_dense(node, v, weight, args) if max(
+            math.prod(root.shape[1:]), math.prod(v.shape[1:])) <= self.exact_max_dim else None
+        if plain is None:
+            b, _ = strided_conv_norm(weight, tuple(root.shape[2:]), stride=st, padding=pd,
+                                     dilation=dl, groups=gr)
+            local = inflate(b)
+            plain = self.fresh(node, local * v.L, local, "transposed: the adjoint conv")
+        plain.res = Res(root, n, 1.0)
+        self.nodes[-1].rule += f"; K^T D s(K u + b) recorded ({how}, n <= {n:.6g})"
+        return plain
 
     def _conv_dense(self, node: torch.fx.Node, v: Var, weight: torch.Tensor,
                     args: tuple) -> Var:
@@ -705,6 +884,20 @@ class _Interpreter:
             raise Refused("a product of two input-dependent matrices")
         L = 0.0
         local = None
+        dense_lin = None
+        res = None
+        if isinstance(m1, Var) and isinstance(m2, Const) and m1.idx.dim() == 2 and \
+                m2.value.dim() == 2:
+            mat2 = m2.value.detach().cpu().double() * alpha
+            dense_lin = Lin(m1, "dense", mat2.T.contiguous())
+            act = m1.act
+            if act is not None and act.lin.kind == "dense" and \
+                    act.lin.weight.shape == mat2.shape and torch.equal(act.lin.weight, mat2) \
+                    and tuple(node.meta["val"].shape) == tuple(act.lin.root.shape) and \
+                    bool((act.d >= 0).all()):
+                dvec = act.d.expand(m1.shape).amax(dim=0).sqrt()
+                res = Res(act.lin.root, inflate(dense_spectral_norm(dvec[:, None] * mat2)),
+                          1.0)
         if isinstance(m1, Var) or isinstance(m2, Var):
             v, c = (m1, m2) if isinstance(m1, Var) else (m2, m1)
             mat = c.value.detach().cpu().double()
@@ -716,7 +909,10 @@ class _Interpreter:
             grow = math.sqrt(math.prod(node.meta["val"].shape) / math.prod(bias.shape))
             L += abs(beta) * grow * bias.L
             local = None
-        return self.fresh(node, L, local, "exact: float64 SVD of the constant matrix")
+        out = self.fresh(node, L, local, "exact: float64 SVD of the constant matrix")
+        if not isinstance(bias, Var):
+            out.lin, out.res = dense_lin, res
+        return out
 
     def batchnorm(self, node: torch.fx.Node, args: tuple) -> Tup:
         x, weight, _b, _mean, var, _mom, eps = args[:7]
@@ -886,6 +1082,35 @@ def _to_idx(x: object) -> object:
     if isinstance(x, (list, tuple)):
         return type(x)(_to_idx(e) for e in x)
     return x
+
+
+def _geom(stride: object, padding: object, dilation: object, groups: object) -> tuple:
+    return (tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), int(groups))
+
+
+def _same(a: Var, b: Var) -> bool:
+    """The same value: one object, or equal index maps of pure gathers (fresh values own
+    their index ranges, so equal maps mean equal values)."""
+    if a is b:
+        return True
+    return (a.src is None and b.src is None and a.idx.shape == b.idx.shape
+            and bool(torch.equal(a.idx, b.idx)))
+
+
+def _monotone_01(node: torch.fx.Node) -> bool:
+    """The elementwise op is monotone with slope in [0, 1] (its parameters checked)."""
+    t, a = node.target, node.args
+    if t in (aten.relu.default, aten.tanh.default, aten.sigmoid.default,
+             aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default,
+             aten.clamp_max.default):
+        return True
+    if t is aten.leaky_relu.default:
+        slope = float(a[1]) if len(a) > 1 else 0.01
+        return 0.0 <= slope <= 1.0
+    if t is aten.elu.default:
+        alpha, scale, iscale = (list(a[1:]) + [1.0, 1.0, 1.0])[:3]
+        return 0.0 <= float(alpha) <= 1.0 and float(scale) == 1.0 and float(iscale) == 1.0
+    return False
 
 
 def _content(t: torch.Tensor) -> tuple:
