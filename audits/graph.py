@@ -125,6 +125,9 @@ class Var:
     lin: Lin | None = None
     act: Act | None = None
     res: Res | None = None
+    chain: tuple[Var, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    """``(root, f)``: the value is ``f(root) + const`` with ``f`` linear (float64): the
+    maximal linear subgraph ending here, for an exact merged bound where it is small."""
 
 
 @dataclass(eq=False)
@@ -295,6 +298,16 @@ _NONNEG_LINEAR = {aten.avg_pool2d.default, aten.avg_pool1d.default, aten.avg_poo
                   aten.upsample_bilinear2d.default}
 
 
+_LINEAR_OPS = {aten.convolution.default, aten.mm.default, aten.addmm.default,
+               aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor,
+               aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim,
+               aten.sum.dim_IntList}
+"""Ops whose value, when one operand depends on the input (or both, for +/-), is a linear
+map of it plus a constant: they extend a linear chain."""
+_WEIGHTED = {aten.convolution.default, aten.mm.default, aten.addmm.default, aten.mul.Tensor,
+             aten.div.Tensor, aten._native_batch_norm_legit_no_training.default}
+
+
 def _pair(v: object, n: int = 2) -> list[int]:
     if isinstance(v, (list, tuple)):
         v = list(v)
@@ -369,7 +382,11 @@ class _Interpreter:
                 self.env[node.name] = Const(node.target(*_raw(args), **_raw(kwargs)))
                 continue
             try:
-                self.env[node.name] = self.rule(node, args, kwargs)
+                out = self.rule(node, args, kwargs)
+                if isinstance(out, Var) and (node.target in _LINEAR_OPS or node.target in
+                                             _GATHERS or node.target in _IDENTITY):
+                    self.linear_chain(node, args, kwargs, out)
+                self.env[node.name] = out
             except Refused as exc:
                 stack = node.meta.get("nn_module_stack") or {}
                 path = list(stack.values())[-1][0].removeprefix("model.") if stack else ""
@@ -470,6 +487,85 @@ class _Interpreter:
                              f"adaptive max pool: sqrt({m}) windows share an input")
             return Tup([out, Opaque("pool indices")])
         raise Refused("no bound for this op on an input-dependent value")
+
+    # maximal linear subgraphs ---------------------------------------------------------------
+    def linear_chain(self, node: torch.fx.Node, args: tuple, kwargs: dict, out: Var) -> None:
+        """Extend the linear chain of the node's input(s) by this linear op and, where the
+        composed map is small, bound it exactly by a float64 SVD (never looser than the
+        op-by-op composition: the smaller of the two is kept)."""
+        vars_ = [a for a in _flat(args) if isinstance(a, Var)]
+        if not vars_:
+            return
+        chains = [v.chain if v.chain is not None else (v, lambda z: z) for v in vars_]
+        root = chains[0][0]
+        if any(not _same(c[0], root) for c in chains):
+            return
+        fns = [c[1] for c in chains]
+        t = node.target
+
+        def lin_args(z: torch.Tensor) -> tuple:
+            it = iter(fns)
+
+            def sub(a: object) -> object:
+                if isinstance(a, Var):
+                    return next(it)(z)
+                if isinstance(a, Const):
+                    v = a.value
+                    if isinstance(v, torch.Tensor):
+                        v = v.detach().cpu()
+                        return v.double() if t in _WEIGHTED else (
+                            torch.zeros(v.shape, dtype=torch.float64)
+                            if v.is_floating_point() else v)
+                    return v
+                if isinstance(a, (list, tuple)):
+                    return type(a)(sub(e) for e in a)
+                return a
+
+            return sub(args)
+
+        kw = _raw(kwargs)
+        shift = t in (aten.add.Tensor, aten.sub.Tensor) and len(vars_) == 1
+
+        def fn(z: torch.Tensor) -> torch.Tensor:
+            a = lin_args(z)
+            if shift:  # the constant operand is a shift: drop it
+                if isinstance(args[0], Var):
+                    return a[0]
+                alpha = float(kw.get("alpha", 1.0))
+                return (-alpha if t is aten.sub.Tensor else alpha) * a[1]
+            if t is aten.constant_pad_nd.default:
+                a = (a[0], a[1], 0.0)
+            if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                     aten.expand.default):
+                a = (a[0], [a[0].shape[0], *list(a[1])[1:]])  # a batch of samples
+            if t is aten._native_batch_norm_legit_no_training.default:
+                x, w, _b, _m, var, _mo, eps = a[:7]
+                scale = (1.0 / torch.sqrt(var + eps)) * (w if w is not None else 1.0)
+                return x * scale.view(1, -1, *([1] * (x.dim() - 2)))
+            if t in (aten.addmm.default,):
+                zero = torch.zeros((), dtype=torch.float64)
+                return t(zero, *a[1:], **{k: v for k, v in kw.items() if k != "beta"})
+            if t is aten.convolution.default:
+                return t(a[0], a[1], None, *a[3:])
+            return t(*a, **kw)
+
+        out.chain = (root, fn)
+        n_in, n_out = math.prod(root.shape[1:]), math.prod(out.shape[1:])
+        if max(n_in, n_out) > self.exact_max_dim or t not in _LINEAR_OPS:
+            return
+        if not (self.space.lips and self.space.lips[-1] == out.L):
+            return
+        try:
+            exact = inflate(linear_norm(fn, root.shape[1:])) * root.L
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            out.chain = None  # an op of the chain does not batch: the op-by-op bound stands
+            return
+        if exact < out.L:
+            out.L = exact
+            self.space.lips[-1] = exact
+            self.nodes[-1].cumulative = exact
+            self.nodes[-1].rule += ("; merged linear subgraph from "
+                                    f"{n_in}-dim value: exact SVD, cumulative {exact:.6g}")
 
     def var(self, a: object) -> Var:
         if not isinstance(a, Var):
