@@ -320,7 +320,9 @@ def _pair(v: object, n: int = 2) -> list[int]:
 
 
 class _Interpreter:
-    def __init__(self, cap: Captured, leaf_bound: LeafBound, exact_max_dim: int) -> None:
+    def __init__(self, cap: Captured, leaf_bound: LeafBound, exact_max_dim: int,
+                 lemmas: bool = True) -> None:
+        self.lemmas = lemmas
         self.cap = cap
         self.leaf_bound = leaf_bound
         self.exact_max_dim = exact_max_dim
@@ -383,8 +385,9 @@ class _Interpreter:
                 continue
             try:
                 out = self.rule(node, args, kwargs)
-                if isinstance(out, Var) and (node.target in _LINEAR_OPS or node.target in
-                                             _GATHERS or node.target in _IDENTITY):
+                if self.lemmas and isinstance(out, Var) and (
+                        node.target in _LINEAR_OPS or node.target in _GATHERS
+                        or node.target in _IDENTITY):
                     self.linear_chain(node, args, kwargs, out)
                 self.env[node.name] = out
             except Refused as exc:
@@ -709,7 +712,7 @@ class _Interpreter:
             sign = -alpha if t in (aten.sub.Tensor, aten.sub.Scalar) else alpha
             if t in (aten.rsub.Scalar, aten.rsub.Tensor):
                 sign = -alpha  # rsub(x, y) = y - alpha x, with a, b swapped above
-            merged = self._residual_lemma(node, a, b, sign)
+            merged = self._residual_lemma(node, a, b, sign) if self.lemmas else None
             if merged is not None:
                 return merged
             L = a.L + abs(alpha) * b.L
@@ -1225,11 +1228,12 @@ def _opname(node: torch.fx.Node) -> str:
     return str(node.target).removeprefix("aten.")
 
 
-def bound_graph(cap: Captured, leaf_bound: LeafBound, *, exact_max_dim: int = 1024
-                ) -> GraphBound:
+def bound_graph(cap: Captured, leaf_bound: LeafBound, *, exact_max_dim: int = 1024,
+                lemmas: bool = True) -> GraphBound:
     """A guaranteed upper bound on the Lipschitz constant of the captured map (None, with the
-    refusal, when some node has no rule), and each node's bound."""
-    it = _Interpreter(cap, leaf_bound, exact_max_dim)
+    refusal, when some node has no rule), and each node's bound. ``lemmas=False`` turns off
+    the residual lemmas and linear merging (the op-by-op baseline of the benchmarks)."""
+    it = _Interpreter(cap, leaf_bound, exact_max_dim, lemmas)
     try:
         L = it.run()
     except Refused as exc:

@@ -88,3 +88,41 @@ def test_sdp_lemma_matches_the_exact_jacobian_of_a_cpl_block():
     assert rep.lipschitz_upper == pytest.approx(bound, rel=1e-5)
     assert exact <= rep.lipschitz_upper * (1 + 1e-6)
     assert math.isclose(rep.lipschitz_lower, exact, rel_tol=1e-4)
+
+
+def _orthogonium_residuals():
+    pytest.importorskip("orthogonium")
+    from orthogonium.layers.conv.AOL.aol import AOLConv2D
+    from orthogonium.layers.conv.SLL.sll_layer import (
+        SDPBasedLipschitzDense,
+        SDPBasedLipschitzResBlock,
+    )
+    from orthogonium.layers.custom_activations import MaxMin
+    from orthogonium.layers.linear import OrthoLinear
+    from orthogonium.layers.residual import L2NormResidual, PrescaledAdditiveResidual
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    return {
+        "SDPBasedLipschitzResBlock": nn.Sequential(
+            SDPBasedLipschitzResBlock(4, 2), SDPBasedLipschitzResBlock(4, 2), nn.Flatten(),
+            OrthoLinear(4 * 6 * 6, 5)),
+        "SDPBasedLipschitzDense": nn.Sequential(
+            nn.Flatten(), SDPBasedLipschitzDense(144, 144, 64), OrthoLinear(144, 5)),
+        "L2NormResidual": nn.Sequential(
+            L2NormResidual(nn.Sequential(AOLConv2D(4, 4, 3, padding=1), MaxMin())),
+            nn.Flatten(), OrthoLinear(4 * 6 * 6, 5)),
+        "PrescaledAdditiveResidual": nn.Sequential(
+            PrescaledAdditiveResidual(nn.Sequential(AOLConv2D(4, 4, 3, padding=1), MaxMin()),
+                                      init_val=0.7),
+            nn.Flatten(), OrthoLinear(4 * 6 * 6, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", ["SDPBasedLipschitzResBlock", "SDPBasedLipschitzDense",
+                                  "L2NormResidual", "PrescaledAdditiveResidual"])
+def test_orthogonium_residual_blocks_are_sound_for_claim_one(name):
+    model = _orthogonium_residuals()[name]
+    rep = _audit(model, (4, 6, 6))
+    assert rep.lipschitz_upper <= 1 + 1e-4, rep.reasons
+    assert rep.verdict == "sound", rep.reasons

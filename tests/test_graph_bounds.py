@@ -324,7 +324,7 @@ def _orthogonium_small():
     aol = nn.Sequential(AOLConv2D(4, 4, 3, padding=1), MaxMin(), nn.Flatten(),
                         OrthoLinear(4 * 6 * 6, 5))
     sll = nn.Sequential(SDPBasedLipschitzResBlock(4, 2), nn.Flatten(), OrthoLinear(144, 5))
-    return {"aoc-residual": (aoc, True), "aol": (aol, True), "sll": (sll, False)}
+    return {"aoc-residual": (aoc, True), "aol": (aol, True), "sll": (sll, True)}
 
 
 @pytest.mark.parametrize("name", ["aoc-residual", "aol", "sll"])
