@@ -1,6 +1,16 @@
 """``audit()``: decide whether a model's certificates are sound.
 
-The stages (certify, Lipschitz bounds, GNP, attack chunks) feed :func:`verdict.decide
+The audit runs in stages, each a function that a process can run on its own:
+
+1. :func:`plan_audit` validates the inputs and certifies every point (``certify``);
+2. :func:`lipschitz_stage` bounds the Lipschitz constant (``lipschitz``);
+3. :func:`gnp_stage` checks gradient-norm preservation (``gnp``);
+4. :func:`attack_chunk` attacks one chunk of :data:`ATTACK_CHUNK` points, inside
+   :func:`attack_context`; :func:`merge_attacks` combines the chunks (``attacks``);
+5. :func:`assemble_report` applies the verdict rules and writes the report object.
+
+:func:`audit` runs them in one process; :mod:`lipverify.distributed` runs the same stages on
+several (``torchrun``), each rank attacking whole chunks. The stages feed :func:`verdict.decide
 <lipverify.audits.verdict.decide>`, which holds the verdict rules: **unsound** on a
 float64-confirmed counterexample, an attained float64 lower bound above ``claim * (1 + τ)``
 or a certifier radius beyond what the guaranteed bound supports; **sound** only with a
@@ -10,18 +20,22 @@ bound). The certificate formula (kind and claimed map) is decided once, by
 :func:`lipverify.certificates.claim_of`, as in :func:`lipverify.certify`.
 
 Attacks and lower bounds can only refute; only the guaranteed upper bound can support "sound".
-The attack stage runs in fixed chunks with per-chunk seeds and can checkpoint its per-sample
-results to ``state_dir``, so a resumed audit reports exactly what an uninterrupted one would.
+Chunk ``c`` covers points ``[c * ATTACK_CHUNK, (c + 1) * ATTACK_CHUNK)`` and is attacked with
+the seed ``seed * 100003 + c`` wherever it runs; each stage can checkpoint its results to
+``state_dir``, so a resumed or sharded audit reports exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +45,20 @@ from torch import nn
 from lipverify.atomic import atomic_write_bytes, atomic_write_text
 from lipverify.audits.report import AuditReport
 from lipverify.audits.verdict import certifier_violations, decide, vouched_accuracy
-from lipverify.certificates import DEFAULT_RADII, certificate_kind_of, certify, claim_of
+from lipverify.certificates import (
+    DEFAULT_RADII,
+    Certificates,
+    certificate_kind_of,
+    certify,
+    claim_of,
+)
 from lipverify.errors import InputError, check_labels, check_model_images, check_seed
 
-__all__ = ["audit", "ATTACK_CHUNK", "CHECKS"]
+__all__ = [
+    "audit", "ATTACK_CHUNK", "CHECKS", "AuditPlan", "AuditState", "AttackResult", "Progress",
+    "plan_audit", "lipschitz_stage", "gnp_stage", "attack_context", "attack_chunk",
+    "compute_chunk", "chunk_name", "chunk_counts", "merge_attacks", "assemble_report",
+]
 
 ATTACK_CHUNK = 32  # points per attack chunk (a resume unit); fixed so seeds do not shift
 CHECKS = ("lipschitz", "gnp", "attacks")
@@ -57,21 +81,68 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _State:
-    """Per-stage results saved under ``state_dir`` (atomic writes), keyed by a fingerprint."""
+# -- progress ----------------------------------------------------------------------------------
+class Progress:
+    """Progress events of an audit.
 
-    def __init__(self, directory: Path | None, fingerprint: str) -> None:
+    Calling it with a message is the ``progress`` callback of :func:`audit` (one line per
+    stage and chunk); the base class passes each message to ``say``. Subclasses (the CLI's
+    progress bars) also receive the structured events below.
+    """
+
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        self._say = say
+
+    def __call__(self, message: str) -> None:
+        if self._say is not None:
+            self._say(message)
+
+    def stage_begin(self, name: str) -> None:
+        """Stage ``name`` (``certify``, ``lipschitz``, ``gnp`` or ``attacks``) starts."""
+
+    def stage_end(self, name: str) -> None:
+        """Stage ``name`` has finished."""
+
+    def attacks_update(self, total: int, done: int, violations: int) -> None:
+        """``done`` of ``total`` points attacked (by every process), ``violations`` so far."""
+
+    def close(self) -> None:
+        """No more events."""
+
+
+def _as_progress(progress: Callable[[str], None] | None) -> Progress:
+    return progress if isinstance(progress, Progress) else Progress(progress)
+
+
+# -- state -------------------------------------------------------------------------------------
+class AuditState:
+    """Per-stage results saved under ``directory`` (atomic writes), keyed by a fingerprint.
+
+    ``join=True`` (the other ranks of a sharded audit) opens a folder that rank 0 has set up:
+    its fingerprint must already be there and equal, and nothing is written to it.
+    """
+
+    def __init__(self, directory: Path | None, fingerprint: str, *, join: bool = False) -> None:
         self.dir = directory
         if directory is None:
             return
-        directory.mkdir(parents=True, exist_ok=True)
         fp = directory / "fingerprint"
+        if join:
+            if not fp.is_file():
+                raise InputError(f"{directory} is not visible from every process: give --out "
+                                 "a folder on a filesystem that all ranks and nodes share")
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
         if fp.exists() and fp.read_text() != fingerprint:
             raise InputError(
                 f"{directory} holds the state of a different audit (model, data or settings "
                 "changed); use a new --out or --overwrite"
             )
-        atomic_write_text(fp, fingerprint)
+        if not join:
+            atomic_write_text(fp, fingerprint)
+
+    def exists(self, name: str) -> bool:
+        return self.dir is not None and (self.dir / name).exists()
 
     def load(self, name: str, keys: tuple[str, ...] = ("json",)) -> Any:
         """The saved dict (safe loading only), None if absent; a foreign one is refused."""
@@ -88,11 +159,194 @@ class _State:
     def save(self, name: str, obj: Any) -> None:
         if self.dir is None:
             return
-        import io
-
         buf = io.BytesIO()
         torch.save(obj, buf)
         atomic_write_bytes(self.dir / name, buf.getvalue())
+
+
+# -- stage 1: validate and certify -------------------------------------------------------------
+@dataclass
+class AuditPlan:
+    """What every stage shares: the validated inputs, their certificates, the fingerprint.
+
+    Every process of a sharded audit builds the same plan from the same (global) points.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor | None
+    cert: Certificates
+    claim: float | None
+    kind: str
+    lipschitz: float | None
+    certifier: Callable | None
+    attacks: str
+    checks: tuple[str, ...]
+    tolerance: float
+    seed: int
+    radii: tuple[float, ...]
+    lipschitz_points: int
+    finite: torch.Tensor  # logits and radius finite (cpu, bool)
+    attack_radius: torch.Tensor  # the radius attacked: 0 where not finite (cpu)
+    accuracy: dict
+    fingerprint: str
+    t_start: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+
+    @property
+    def n_points(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_points / ATTACK_CHUNK)
+
+    def chunk_slice(self, c: int) -> slice:
+        """The points of attack chunk ``c``."""
+        return slice(c * ATTACK_CHUNK, min((c + 1) * ATTACK_CHUNK, self.n_points))
+
+
+@contextmanager
+def _timed(plan: AuditPlan, name: str, progress: Progress | None = None) -> Iterator[None]:
+    start = time.time()
+    if progress is not None:
+        progress.stage_begin(name)
+    try:
+        yield
+    finally:
+        if progress is not None:
+            progress.stage_end(name)
+    plan.timings[f"{name}_seconds"] = round(time.time() - start, 3)
+
+
+def plan_audit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    lipschitz: float | None = None,
+    certifier: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    attacks: str = "quick",
+    checks: Sequence[str] = CHECKS,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+    radii: Sequence[float] = DEFAULT_RADII,
+    lipschitz_points: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> AuditPlan:
+    """Validate the audit's inputs and certify every point: the plan the other stages use.
+
+    The arguments are those of :func:`audit`. Raises :class:`InputError` on bad input.
+    """
+    t_start = time.time()
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        raise InputError(f"unknown checks {sorted(unknown)}; choose from {list(CHECKS)}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        raise InputError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
+    check_seed(seed)
+    if lipschitz is not None:
+        try:
+            lipschitz = float(lipschitz)
+        except (TypeError, ValueError):
+            raise InputError(f"lipschitz must be a number, got {repr(lipschitz)[:40]}") from None
+    tracker = _as_progress(progress)
+    model.eval()
+    check_model_images(model, x)
+    # One decision on the certificate formula, shared with certify(): the model's declared
+    # kind (default "ortho"); the claim covers that kind's map (logits or features).
+    claim, kind = None, certificate_kind_of(model)
+    if certifier is None or lipschitz is not None or hasattr(model, "lipschitz_claim"):
+        try:
+            claim, kind = claim_of(model, lipschitz)
+        except InputError:
+            if certifier is None:
+                raise
+
+    tracker("certifying")
+    tracker.stage_begin("certify")
+    if certifier is not None:
+        with torch.no_grad():
+            pred, radius = certifier(x)
+        pred = torch.as_tensor(pred).long().flatten()
+        radius = torch.as_tensor(radius, dtype=torch.float32).flatten().clamp_min(0)
+        if pred.shape[0] != x.shape[0] or radius.shape[0] != x.shape[0]:
+            raise InputError("the certifier must return one prediction and radius per input")
+        with torch.no_grad():
+            logits = model(x)
+        cert = Certificates(pred=pred, radius=radius, logits=logits)
+    else:
+        cert = certify(model, x, lipschitz)
+    if y is not None:
+        y = check_labels(y, x.shape[0], cert.logits.shape[1])
+    # Non-finite logits or radii certify nothing and are not attacked; they block "sound".
+    finite = torch.isfinite(cert.logits).all(1).cpu() & torch.isfinite(cert.radius).cpu()
+    attack_radius = torch.where(finite, cert.radius.cpu(), torch.zeros_like(cert.radius.cpu()))
+    acc = vouched_accuracy(cert, y, radii, tolerance)
+
+    fingerprint = json.dumps({
+        "x": _tensor_sha(x), "y": None if y is None else _tensor_sha(y),
+        "weights": hashlib.sha256(b"".join(
+            t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()
+        )).hexdigest(),
+        "attacks": attacks, "checks": list(checks), "tolerance": tolerance, "seed": seed,
+        "claim": claim, "radius": _tensor_sha(cert.radius),
+        "lipschitz_points": lipschitz_points,
+    }, sort_keys=True)
+    tracker.stage_end("certify")
+    plan = AuditPlan(
+        model=model, x=x, y=y, cert=cert, claim=claim, kind=kind, lipschitz=lipschitz,
+        certifier=certifier, attacks=attacks, checks=tuple(checks), tolerance=tolerance,
+        seed=seed, radii=tuple(radii), lipschitz_points=lipschitz_points, finite=finite,
+        attack_radius=attack_radius, accuracy=acc, fingerprint=fingerprint, t_start=t_start,
+    )
+    plan.timings["certify_seconds"] = round(time.time() - t_start, 3)
+    return plan
+
+
+# -- stages 2 and 3: Lipschitz bounds and GNP --------------------------------------------------
+def lipschitz_stage(plan: AuditPlan, state: AuditState,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Guaranteed upper and attained lower bounds (:func:`~lipverify.audits.lipschitz.
+    lipschitz_audit` on the first ``lipschitz_points`` points) as a JSON-ready dict, saved in
+    ``state`` as ``lipschitz.pt`` and read from there when present."""
+    tracker = _as_progress(progress)
+    tracker("bounding the Lipschitz constant")
+    with _timed(plan, "lipschitz", tracker):
+        saved = state.load("lipschitz.pt")
+        if saved is not None:
+            return json.loads(saved["json"])
+        from lipverify.audits.lipschitz import lipschitz_audit
+
+        res = lipschitz_audit(plan.model, plan.x[:plan.lipschitz_points],
+                              map="features" if plan.kind == "lln" else "logits",
+                              seed=plan.seed)
+        lip = json.loads(json.dumps(res.to_dict(), default=float))
+        state.save("lipschitz.pt", {"json": json.dumps(lip)})
+        return lip
+
+
+def gnp_stage(plan: AuditPlan, state: AuditState,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """The gradient-norm-preservation checks on the first ``lipschitz_points`` points as a
+    JSON-ready dict, saved in ``state`` as ``gnp.pt`` and read from there when present."""
+    tracker = _as_progress(progress)
+    tracker("checking gradient-norm preservation")
+    with _timed(plan, "gnp", tracker):
+        g = state.load("gnp.pt")
+        if g is None:
+            from lipverify.audits.gnp import gnp_audit
+
+            res = gnp_audit(plan.model, plan.x[:plan.lipschitz_points], seed=plan.seed)
+            g = {"json": json.dumps(res.to_dict(), default=float)}
+            state.save("gnp.pt", g)
+        return json.loads(g["json"])
+
+
+# -- stage 4: attack chunks --------------------------------------------------------------------
+def chunk_name(c: int) -> str:
+    """File name of attack chunk ``c`` in the state folder."""
+    return f"attacks-{c:05d}.pt"
 
 
 def _violation_record(v: Any, index_offset: int) -> tuple[dict, dict]:
@@ -118,18 +372,108 @@ def _violation_record(v: Any, index_offset: int) -> tuple[dict, dict]:
     return row, tensors
 
 
-def _fast_attack_context(model: nn.Module, x: torch.Tensor, suite: str) -> Any:
-    """Eval mode with constant SOC weights and materialised small layers for the attacks:
-    the same function (to 1e-5, tested), built once because the attacks run thousands of
-    passes. Bounds and GNP checks never use it; they examine the layers' own operators."""
+def attack_context(plan: AuditPlan) -> Any:
+    """Context for the attacks: eval mode with constant SOC weights and materialised small
+    layers (the same function to 1e-5, tested), built once because the attacks run thousands
+    of passes. Which layers repay materialising depends on the number of passes, so it is
+    decided from *all* the points, also on a rank that attacks only some. Bounds and GNP
+    checks never use it; they examine the layers' own operators. Yields the materialisation
+    report (None without SOC layers)."""
     from contextlib import nullcontext
 
     from lipverify.layers.soc import SOC, fast_eval
 
+    model, x = plan.model, plan.x
     if not any(isinstance(m, SOC) for m in model.modules()):
         return nullcontext()
-    passes = {"quick": 400, "standard": 4000, "minimal-norm": 3000}.get(suite, 1000)
+    passes = {"quick": 400, "standard": 4000, "minimal-norm": 3000}.get(plan.attacks, 1000)
     return fast_eval(model, tuple(x.shape[1:]), images=passes * x.shape[0])
+
+
+def compute_chunk(plan: AuditPlan, c: int) -> dict:
+    """Attack chunk ``c`` (seed ``seed * 100003 + c``); call inside :func:`attack_context`.
+    Returns the chunk's record (what ``attacks-NNNNN.pt`` holds)."""
+    from lipverify.audits.attack_audit import attack_audit
+
+    sl = plan.chunk_slice(c)
+    res = attack_audit(plan.model, plan.x[sl], plan.cert.pred[sl], plan.attack_radius[sl],
+                       suite=plan.attacks, tolerance=plan.tolerance,
+                       seed=plan.seed * 100_003 + c)
+    rows = [_violation_record(v, sl.start) for v in res.violations]
+    return {
+        "rows": json.dumps([r for r, _ in rows]),
+        "tensors": [t for _, t in rows],
+        "min_adv": res.min_adv_distance.detach().cpu().float(),
+        "attacked": res.attacked.detach().cpu().bool(),
+        "sanity": json.dumps(list(res.sanity_flags)),
+        "settings": json.dumps(res.settings, default=str),
+    }
+
+
+def attack_chunk(plan: AuditPlan, state: AuditState, c: int) -> tuple[dict, bool]:
+    """Chunk ``c``'s record: read from ``state`` if saved there, else computed and saved.
+    Returns ``(record, computed)``."""
+    chunk = state.load(chunk_name(c), _CHUNK_KEYS)
+    if chunk is not None:
+        return chunk, False
+    chunk = compute_chunk(plan, c)
+    state.save(chunk_name(c), chunk)
+    return chunk, True
+
+
+def chunk_counts(plan: AuditPlan, chunk: dict, c: int) -> tuple[int, int]:
+    """(points, violations) of chunk ``c``'s record, for progress reports."""
+    sl = plan.chunk_slice(c)
+    return sl.stop - sl.start, len(json.loads(chunk["rows"]))
+
+
+@dataclass
+class AttackResult:
+    """The attack chunks merged: the report's ``attacks`` section and what the verdict uses."""
+
+    summary: dict
+    violations: list[dict]
+    tensors: list[dict]
+    min_adv: torch.Tensor
+    n_attacked: int
+    sanity: list[str]
+
+
+def merge_attacks(plan: AuditPlan, chunks: Sequence[dict], materialized: Any = None
+                  ) -> AttackResult:
+    """Merge the records of chunks ``0 .. n_chunks - 1`` (in order); ``materialized`` is the
+    report yielded by :func:`attack_context`."""
+    if len(chunks) != plan.n_chunks:
+        raise ValueError(f"{len(chunks)} attack chunks for {plan.n_chunks}")
+    min_adv = torch.full((plan.n_points,), float("inf"))
+    violations: list[dict] = []
+    tensors: list[dict] = []
+    sanity: list[str] = []
+    n_attacked = 0
+    settings: dict = {}
+    for c, chunk in enumerate(chunks):
+        violations += json.loads(chunk["rows"])
+        tensors += chunk["tensors"]
+        min_adv[plan.chunk_slice(c)] = chunk["min_adv"]
+        n_attacked += int(chunk["attacked"].sum())
+        sanity += [f for f in json.loads(chunk["sanity"]) if f not in sanity]
+        settings = json.loads(chunk["settings"])
+    settings["seed"] = plan.seed
+    settings["chunk_seeds"] = f"seed * 100003 + chunk index (chunks of {ATTACK_CHUNK})"
+    if materialized is not None:
+        settings["materialized_layers"] = list(materialized.materialized)
+        plan.timings["materialize_seconds"] = round(materialized.seconds, 3)
+    radius = plan.cert.radius.cpu()
+    found = torch.isfinite(min_adv) & (radius > 0)
+    tight = radius[found].double() / min_adv[found].double()
+    summary = {
+        "settings": settings,
+        "n_attacked": n_attacked,
+        "sanity_flags": sanity,
+        "tightness_quantiles": _quantiles(tight),
+        "n_with_adversarial": int(found.sum()),
+    }
+    return AttackResult(summary, violations, tensors, min_adv, n_attacked, sanity)
 
 
 def _quantiles(t: torch.Tensor) -> dict[str, float]:
@@ -140,6 +484,90 @@ def _quantiles(t: torch.Tensor) -> dict[str, float]:
     return {f"q{int(q * 100)}": float(v) for q, v in zip(qs, vals, strict=True)}
 
 
+# -- stage 5: verdict and report ---------------------------------------------------------------
+def assemble_report(
+    plan: AuditPlan,
+    *,
+    lip: dict | None = None,
+    gnp: dict | None = None,
+    attacks: AttackResult | None = None,
+    provenance: dict | None = None,
+) -> AuditReport:
+    """Apply the verdict rules to the stages' results (None: stage not run) and build the
+    report; ``provenance`` is merged into the report's provenance."""
+    checks = plan.checks
+    cert, kind, claim, tolerance = plan.cert, plan.kind, plan.claim, plan.tolerance
+    lip = lip if "lipschitz" in checks else None
+    warnings: list[str] = []
+    layers: list[dict] = []
+    lower = upper = None
+    if lip is not None:
+        layers = lip.get("layers", [])
+        lower, upper = lip.get("lower"), lip.get("upper")
+        warnings += lip.get("notes", [])
+        warnings += [f"no upper bound: {r}" for r in lip.get("refusals", [])]
+    if gnp is not None:
+        warnings += gnp.get("warnings", [])
+    attack_dict = attacks.summary if attacks is not None else None
+
+    lip_refusals = list(lip.get("refusals", [])) if lip is not None else []
+    auditor_errors = list(lip.get("auditor_errors", [])) if lip is not None else []
+    cert_violations = (
+        certifier_violations(plan.model, cert, kind, upper, tolerance)
+        if plan.certifier is not None and claim is not None and upper is not None
+        and math.isfinite(upper) else []  # an infinite bound supports no radius, refutes none
+    )
+    recheck = (attack_dict or {}).get("settings", {}).get("recheck", "float64")
+    verdict, reasons = decide(
+        claim=claim, tolerance=tolerance, checks=checks, lower=lower, upper=upper,
+        violations=attacks.violations if attacks is not None else [],
+        float64_rechecked=recheck.startswith("float64"),
+        certificate_violations=cert_violations, auditor_errors=auditor_errors,
+        refusals=lip_refusals, n_attacked=attacks.n_attacked if attacks is not None else 0,
+        sanity=attacks.sanity if attacks is not None else [],
+        n_nonfinite=int((~plan.finite).sum()),
+        lower_float64=(lip is not None and lip.get("lower_dtype", "float64") == "float64"),
+    )
+    if gnp and any(not layer.get("gnp", True) for layer in gnp.get("layers", [])):
+        warnings.append("some layers are not gradient-norm preserving (see gnp)")
+
+    y = plan.y
+    samples = [
+        {"index": i, "label": None if y is None else int(y[i]), "pred": int(cert.pred[i]),
+         "radius": float(cert.radius[i]),
+         "min_adv_distance": float(attacks.min_adv[i]) if attacks is not None else None}
+        for i in range(plan.n_points)
+    ]
+    prov = {
+        "seed": plan.seed,
+        "tolerance": tolerance,
+        "checks": list(checks),
+        "attack_suite": plan.attacks if "attacks" in checks else None,
+        "attack_settings": attack_dict["settings"] if attack_dict else None,
+        "n_points": plan.n_points,
+        "lipschitz_points": min(plan.lipschitz_points, plan.n_points),
+        "certificate_kind": kind,
+        "claim_source": "override" if plan.lipschitz is not None else (
+            "certifier" if plan.certifier is not None and claim is None else "model"),
+        "checkpoint_sha256": getattr(plan.model, "checkpoint_sha256", None),
+        "inputs_sha256": _tensor_sha(plan.x),
+        "versions": _versions(),
+        "device": str(plan.x.device),
+        "seconds": round(time.time() - plan.t_start, 3),
+        **plan.timings,
+        **(provenance or {}),
+    }
+    return AuditReport(
+        verdict=verdict, reasons=reasons, violations=attacks.violations if attacks else [],
+        lipschitz_claim=claim, certificate_violations=cert_violations,
+        lipschitz_lower=lower, lipschitz_upper=upper, layers=layers,
+        certified_accuracy=plan.accuracy, provenance=prov, tolerance=tolerance, gnp=gnp,
+        attacks=attack_dict, samples=samples, warnings=warnings,
+        violation_tensors=attacks.tensors if attacks else [],
+    )
+
+
+# -- the whole audit in one process ------------------------------------------------------------
 def audit(
     model: nn.Module,
     x: torch.Tensor,
@@ -162,214 +590,33 @@ def audit(
     ``lipschitz`` overrides (or, for a generic module, declares) the claimed bound of the logit
     map; ``certifier`` is a callable ``x -> (pred, radius)`` used instead of the Lipschitz
     formula (its radii are then audited by attacks only, unless a bound is also given).
+    ``progress`` receives one message per stage and chunk (a :class:`Progress` also gets the
+    structured events); ``state_dir`` keeps each stage's results for a resumed audit.
     """
-    unknown = set(checks) - set(CHECKS)
-    if unknown:
-        raise InputError(f"unknown checks {sorted(unknown)}; choose from {list(CHECKS)}")
-    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-        raise InputError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    check_seed(seed)
-    if lipschitz is not None:
-        try:
-            lipschitz = float(lipschitz)
-        except (TypeError, ValueError):
-            raise InputError(f"lipschitz must be a number, got {repr(lipschitz)[:40]}") from None
-    say = progress or (lambda _msg: None)
-    t_start = time.time()
-    model.eval()
-    check_model_images(model, x)
-    # One decision on the certificate formula, shared with certify(): the model's declared
-    # kind (default "ortho"); the claim covers that kind's map (logits or features).
-    claim, kind = None, certificate_kind_of(model)
-    if certifier is None or lipschitz is not None or hasattr(model, "lipschitz_claim"):
-        try:
-            claim, kind = claim_of(model, lipschitz)
-        except InputError:
-            if certifier is None:
-                raise
-
-    say("certifying")
-    if certifier is not None:
-        with torch.no_grad():
-            pred, radius = certifier(x)
-        pred = torch.as_tensor(pred).long().flatten()
-        radius = torch.as_tensor(radius, dtype=torch.float32).flatten().clamp_min(0)
-        if pred.shape[0] != x.shape[0] or radius.shape[0] != x.shape[0]:
-            raise InputError("the certifier must return one prediction and radius per input")
-        with torch.no_grad():
-            logits = model(x)
-        from lipverify.certificates import Certificates
-
-        cert = Certificates(pred=pred, radius=radius, logits=logits)
-    else:
-        cert = certify(model, x, lipschitz)
-    if y is not None:
-        y = check_labels(y, x.shape[0], cert.logits.shape[1])
-    # Non-finite logits or radii certify nothing and are not attacked; they block "sound".
-    finite = torch.isfinite(cert.logits).all(1).cpu() & torch.isfinite(cert.radius).cpu()
-    attack_radius = torch.where(finite, cert.radius.cpu(), torch.zeros_like(cert.radius.cpu()))
-    acc = vouched_accuracy(cert, y, radii, tolerance)
-
-    fingerprint = json.dumps({
-        "x": _tensor_sha(x), "y": None if y is None else _tensor_sha(y),
-        "weights": hashlib.sha256(b"".join(
-            t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()
-        )).hexdigest(),
-        "attacks": attacks, "checks": list(checks), "tolerance": tolerance, "seed": seed,
-        "claim": claim, "radius": _tensor_sha(cert.radius),
-        "lipschitz_points": lipschitz_points,
-    }, sort_keys=True)
-    state = _State(Path(state_dir) if state_dir is not None else None, fingerprint)
-
-    reasons: list[str] = []
-    warnings: list[str] = []
-    layers: list[dict] = []
-    lower = upper = None
-    gnp_dict = attack_dict = None
-    violations: list[dict] = []
-    violation_tensors: list[dict] = []
-    min_adv = torch.full((x.shape[0],), float("inf"))
-    timings: dict[str, float] = {}  # wall seconds per stage, into the provenance
-    stage_start = t_start
-
-    def stage_done(name: str) -> None:
-        nonlocal stage_start
-        now = time.time()
-        timings[f"{name}_seconds"] = round(now - stage_start, 3)
-        stage_start = now
-
-    stage_done("certify")
-
-    if "lipschitz" in checks:
-        say("bounding the Lipschitz constant")
-        lip = state.load("lipschitz.pt")
-        if lip is None:
-            from lipverify.audits.lipschitz import lipschitz_audit
-
-            res = lipschitz_audit(model, x[:lipschitz_points],
-                                  map="features" if kind == "lln" else "logits", seed=seed)
-            lip = json.loads(json.dumps(res.to_dict(), default=float))
-            state.save("lipschitz.pt", {"json": json.dumps(lip)})
-        else:
-            lip = json.loads(lip["json"])
-        layers = lip.get("layers", [])
-        lower, upper = lip.get("lower"), lip.get("upper")
-        warnings += lip.get("notes", [])
-        warnings += [f"no upper bound: {r}" for r in lip.get("refusals", [])]
-        stage_done("lipschitz")
-
-    if "gnp" in checks:
-        say("checking gradient-norm preservation")
-        g = state.load("gnp.pt")
-        if g is None:
-            from lipverify.audits.gnp import gnp_audit
-
-            g = {"json": json.dumps(gnp_audit(model, x[:lipschitz_points], seed=seed).to_dict(),
-                                    default=float)}
-            state.save("gnp.pt", g)
-        gnp_dict = json.loads(g["json"])
-        warnings += gnp_dict.get("warnings", [])
-        stage_done("gnp")
-
-    n_attacked = 0
-    sanity: list[str] = []
-    if "attacks" in checks:
-        from lipverify.audits.attack_audit import attack_audit
-
-        n_chunks = math.ceil(x.shape[0] / ATTACK_CHUNK)
-        settings: dict = {}
-        with _fast_attack_context(model, x, attacks) as mat_report:
-            for c in range(n_chunks):
-                sl = slice(c * ATTACK_CHUNK, (c + 1) * ATTACK_CHUNK)
-                say(f"attacking chunk {c + 1}/{n_chunks}")
-                chunk = state.load(f"attacks-{c:05d}.pt", _CHUNK_KEYS)
-                if chunk is None:
-                    res = attack_audit(model, x[sl], cert.pred[sl], attack_radius[sl],
-                                       suite=attacks, tolerance=tolerance,
-                                       seed=seed * 100_003 + c)
-                    rows = [_violation_record(v, sl.start) for v in res.violations]
-                    chunk = {
-                        "rows": json.dumps([r for r, _ in rows]),
-                        "tensors": [t for _, t in rows],
-                        "min_adv": res.min_adv_distance.detach().cpu().float(),
-                        "attacked": res.attacked.detach().cpu().bool(),
-                        "sanity": json.dumps(list(res.sanity_flags)),
-                        "settings": json.dumps(res.settings, default=str),
-                    }
-                    state.save(f"attacks-{c:05d}.pt", chunk)
-                violations += json.loads(chunk["rows"])
-                violation_tensors += chunk["tensors"]
-                min_adv[sl] = chunk["min_adv"]
-                n_attacked += int(chunk["attacked"].sum())
-                sanity += [f for f in json.loads(chunk["sanity"]) if f not in sanity]
-                settings = json.loads(chunk["settings"])
-        settings["seed"] = seed
-        settings["chunk_seeds"] = f"seed * 100003 + chunk index (chunks of {ATTACK_CHUNK})"
-        if mat_report is not None:
-            settings["materialized_layers"] = list(mat_report.materialized)
-            timings["materialize_seconds"] = round(mat_report.seconds, 3)
-        found = torch.isfinite(min_adv) & (cert.radius > 0)
-        tight = cert.radius[found].double() / min_adv[found].double()
-        attack_dict = {
-            "settings": settings,
-            "n_attacked": n_attacked,
-            "sanity_flags": sanity,
-            "tightness_quantiles": _quantiles(tight),
-            "n_with_adversarial": int(found.sum()),
-        }
-        stage_done("attacks")
-
-    # -- verdict ------------------------------------------------------------------------------
-    lip_refusals = list(lip.get("refusals", [])) if "lipschitz" in checks else []
-    auditor_errors = list(lip.get("auditor_errors", [])) if "lipschitz" in checks else []
-    cert_violations = (
-        certifier_violations(model, cert, kind, upper, tolerance)
-        if certifier is not None and claim is not None and upper is not None
-        and math.isfinite(upper) else []  # an infinite bound supports no radius, refutes none
-    )
-    recheck = (attack_dict or {}).get("settings", {}).get("recheck", "float64")
-    verdict, verdict_reasons = decide(
-        claim=claim, tolerance=tolerance, checks=checks, lower=lower, upper=upper,
-        violations=violations, float64_rechecked=recheck.startswith("float64"),
-        certificate_violations=cert_violations, auditor_errors=auditor_errors,
-        refusals=lip_refusals, n_attacked=n_attacked, sanity=sanity,
-        n_nonfinite=int((~finite).sum()),
-        lower_float64=("lipschitz" in checks and lip.get("lower_dtype", "float64") == "float64"),
-    )
-    reasons += verdict_reasons
-    if gnp_dict and any(not layer.get("gnp", True) for layer in gnp_dict.get("layers", [])):
-        warnings.append("some layers are not gradient-norm preserving (see gnp)")
-
-    samples = [
-        {"index": i, "label": None if y is None else int(y[i]), "pred": int(cert.pred[i]),
-         "radius": float(cert.radius[i]),
-         "min_adv_distance": float(min_adv[i]) if "attacks" in checks else None}
-        for i in range(x.shape[0])
-    ]
-    prov = {
-        "seed": seed,
-        "tolerance": tolerance,
-        "checks": list(checks),
-        "attack_suite": attacks if "attacks" in checks else None,
-        "attack_settings": attack_dict["settings"] if attack_dict else None,
-        "n_points": int(x.shape[0]),
-        "lipschitz_points": min(lipschitz_points, int(x.shape[0])),
-        "certificate_kind": kind,
-        "claim_source": "override" if lipschitz is not None else (
-            "certifier" if certifier is not None and claim is None else "model"),
-        "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
-        "inputs_sha256": _tensor_sha(x),
-        "versions": _versions(),
-        "device": str(x.device),
-        "seconds": round(time.time() - t_start, 3),
-        **timings,
-        **(provenance or {}),
-    }
-    return AuditReport(
-        verdict=verdict, reasons=reasons, violations=violations, lipschitz_claim=claim,
-        certificate_violations=cert_violations,
-        lipschitz_lower=lower, lipschitz_upper=upper, layers=layers,
-        certified_accuracy=acc, provenance=prov, tolerance=tolerance, gnp=gnp_dict,
-        attacks=attack_dict, samples=samples, warnings=warnings,
-        violation_tensors=violation_tensors,
-    )
+    tracker = _as_progress(progress)
+    plan = plan_audit(model, x, y, lipschitz=lipschitz, certifier=certifier, attacks=attacks,
+                      checks=checks, tolerance=tolerance, seed=seed, radii=radii,
+                      lipschitz_points=lipschitz_points, progress=tracker)
+    state = AuditState(Path(state_dir) if state_dir is not None else None, plan.fingerprint)
+    lip = lipschitz_stage(plan, state, tracker) if "lipschitz" in plan.checks else None
+    gnp = gnp_stage(plan, state, tracker) if "gnp" in plan.checks else None
+    result = None
+    if "attacks" in plan.checks:
+        with _timed(plan, "attacks", tracker), attack_context(plan) as materialized:
+            chunks: list[dict | None] = [state.load(chunk_name(c), _CHUNK_KEYS)
+                                         for c in range(plan.n_chunks)]
+            done = violations = 0
+            for c, chunk in enumerate(chunks):
+                if chunk is not None:
+                    points, found = chunk_counts(plan, chunk, c)
+                    done, violations = done + points, violations + found
+            tracker.attacks_update(plan.n_points, done, violations)
+            for c in range(plan.n_chunks):
+                tracker(f"attacking chunk {c + 1}/{plan.n_chunks}")
+                if chunks[c] is None:
+                    chunks[c], _ = attack_chunk(plan, state, c)
+                    points, found = chunk_counts(plan, chunks[c], c)
+                    done, violations = done + points, violations + found
+                    tracker.attacks_update(plan.n_points, done, violations)
+            result = merge_attacks(plan, chunks, materialized)
+    return assemble_report(plan, lip=lip, gnp=gnp, attacks=result, provenance=provenance)
