@@ -142,6 +142,7 @@ class Down(nn.Module):
 
 
 def resnet18_sll() -> nn.Module:
+    torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1, bias=False)]
     with torch.no_grad():
         w = layers[0].weight
