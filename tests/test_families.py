@@ -99,7 +99,11 @@ def _orthogonium_residuals():
     )
     from orthogonium.layers.custom_activations import MaxMin
     from orthogonium.layers.linear import OrthoLinear
-    from orthogonium.layers.residual import L2NormResidual, PrescaledAdditiveResidual
+    from orthogonium.layers.residual import (
+        AdditiveResidual,
+        L2NormResidual,
+        PrescaledAdditiveResidual,
+    )
 
     torch.manual_seed(0)
     nn = torch.nn
@@ -116,11 +120,16 @@ def _orthogonium_residuals():
             PrescaledAdditiveResidual(nn.Sequential(AOLConv2D(4, 4, 3, padding=1), MaxMin()),
                                       init_val=0.7),
             nn.Flatten(), OrthoLinear(4 * 6 * 6, 5)),
+        "AdditiveResidual": nn.Sequential(
+            AdditiveResidual(nn.Sequential(AOLConv2D(4, 4, 3, padding=1), MaxMin()),
+                             init_val=0.3),
+            nn.Flatten(), OrthoLinear(4 * 6 * 6, 5)),
     }
 
 
 @pytest.mark.parametrize("name", ["SDPBasedLipschitzResBlock", "SDPBasedLipschitzDense",
-                                  "L2NormResidual", "PrescaledAdditiveResidual"])
+                                  "L2NormResidual", "PrescaledAdditiveResidual",
+                                  "AdditiveResidual"])
 def test_orthogonium_residual_blocks_are_sound_for_claim_one(name):
     model = _orthogonium_residuals()[name]
     rep = _audit(model, (4, 6, 6))

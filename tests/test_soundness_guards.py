@@ -227,9 +227,10 @@ def test_model_without_a_guaranteed_bound_is_inconclusive():
 
 
 def test_bound_above_the_claim_without_a_counterexample_is_inconclusive():
-    """``diag(.5, 1, ...) diag(1, .5, ...) = I/2``: true constant 0.5, guaranteed product bound
-    1.0. A claim of 0.75 is true but unproven (bound > claim (1 + tau), lower < claim)."""
-    model = nn.Sequential(nn.Flatten(), _diag_linear([1.0] + [0.5] * 8),
+    """``diag(.5, 1, ...) relu diag(1, .5, ...)``: true constant 0.5, guaranteed product bound
+    1.0 (the ReLU stops the exact merge of the two linear maps). A claim of 0.75 is true but
+    unproven (bound > claim (1 + tau), lower < claim)."""
+    model = nn.Sequential(nn.Flatten(), _diag_linear([1.0] + [0.5] * 8), nn.ReLU(),
                           _diag_linear([0.5] + [1.0] * 8))
     rep = _audit_lipschitz(model, 0.75)
     assert rep.lipschitz_upper > 0.75 * (1 + rep.tolerance)
