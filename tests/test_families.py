@@ -135,3 +135,28 @@ def test_orthogonium_residual_blocks_are_sound_for_claim_one(name):
     rep = _audit(model, (4, 6, 6))
     assert rep.lipschitz_upper <= 1 + 1e-4, rep.reasons
     assert rep.verdict == "sound", rep.reasons
+
+
+class _NotAdjoint(torch.nn.Module):
+    """``x - 2 K2^T D relu(K1 x + b)`` with ``K2 = -K1``: it looks like an SLL block but the
+    second map is not the adjoint of the first, so the block *expands* (``I + 2 K^T D K``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.k = torch.nn.Parameter(torch.randn(4, 4, 3, 3, generator=g) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.conv2d(x, self.k, padding=1) + 5.0)  # every unit active
+        return (x - 2 * F.conv_transpose2d(h, -self.k, padding=1)).flatten(1)
+
+
+def test_a_block_that_only_looks_like_sll_is_not_given_the_lemma():
+    model = _NotAdjoint().double().eval()
+    w = model.k.detach()
+    exact = linear_norm(lambda z: z + 2 * F.conv_transpose2d(F.conv2d(z, w, padding=1), w,
+                                                              padding=1), (4, 5, 5))
+    assert exact > 1.5  # the trap: the lemma would claim max(1, 2 n^2 - 1)
+    rep = _audit(model.float(), (4, 5, 5), claim=exact * 1.01)
+    assert rep.lipschitz_upper >= exact * (1 - 1e-6)
+    assert not any("SDP residual" in (lb.get("method") or "") for lb in rep.layers)

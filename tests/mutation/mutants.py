@@ -70,6 +70,30 @@ MUTANTS: tuple[Mutant, ...] = (
         (Edit("audits/lipschitz.py", "grid = (n + k - 1, m + k - 1)", "grid = (n, m)"),),
         (G + "test_soc_bound_on_a_covers_the_zero_padded_norm_on_odd_grids",),
     ),
+    # -- the graph auditor (issues 13 and 14) ------------------------------------------------
+    Mutant(
+        "graph-conv-circular-grid",
+        "a zero-padded conv in the graph bounded on the circular n grid, not n + k - 1",
+        (Edit("audits/operators.py",
+              "n = tuple(-(-(int(grid[i]) + k_eff[i] - 1) // s[i]) * s[i] for i in range(2))",
+              "n = tuple(-(-int(grid[i]) // s[i]) * s[i] for i in range(2))"),),
+        ("tests/test_graph_bounds.py::test_strided_conv_norm_bounds_the_dense_operator",),
+    ),
+    Mutant(
+        "sdp-no-adjoint-check",
+        "the SDP lemma applied when the transposed conv's filter differs from the first",
+        (Edit("audits/graph.py",
+              "if lin.weight.shape != weight.shape or not torch.equal(lin.weight, weight):",
+              "if lin.weight.shape != weight.shape:"),),
+        ("tests/test_families.py::test_a_block_that_only_looks_like_sll_is_not_given_the_lemma",),
+    ),
+    Mutant(
+        "sdp-factor-one",
+        "the SDP lemma's factor max(1, c n^2 - 1) replaced by 1",
+        (Edit("audits/lemmas.py", "return max(1.0, v - 1.0) if c >= 0 else 1.0 - v",
+              "return 1.0"),),
+        ("tests/test_families.py::test_sdp_lemma_matches_the_exact_jacobian_of_a_cpl_block",),
+    ),
     # -- the two narrow catches, and the dropped term in both paths ---------------------------
     Mutant(
         "soc-tail-0.9a",
