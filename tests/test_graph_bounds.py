@@ -350,3 +350,26 @@ def test_a_torchlip_model_gets_a_sound_bound():
     assert gb.refusals == [] and gb.upper is not None
     j = jacobian_norm(model, (3, 6, 6), dtype=torch.float32)
     assert j * (1 - 1e-5) <= gb.upper <= 1.1  # spectral norms from a power iteration
+
+
+@pytest.mark.parametrize("n", [5, 7])
+def test_zero_padded_conv_is_not_bounded_on_the_circular_grid(n):
+    """The difference filter on an odd grid: the circular n grid under-states the norm of the
+    zero-padded conv (a trap for any grid smaller than n + k - 1)."""
+    w = torch.zeros(1, 1, 1, 3, dtype=torch.float64)
+    w[0, 0, 0, 1:] = torch.tensor([1.0, -1.0])
+
+    def op(z):
+        return F.conv2d(z, w, padding=(0, 1))
+
+    exact = linear_norm(op, (1, 1, n))
+    model = Fn(lambda x: F.conv2d(x, w.to(x.dtype), padding=(0, 1)))
+    from lipverify.audits.operators import conv_frequency_norm
+    assert conv_frequency_norm(w, (1, n)) < exact  # the trap
+    for dim in (0, 10_000):  # the frequency route and the exact route
+        x = torch.rand(2, 1, 1, n, dtype=torch.float64)
+        with frozen_parametrizations(), torch.no_grad():
+            cap = capture(model.eval(), x)
+            gb = bound_graph(cap, layer_upper_bound, exact_max_dim=dim)
+            release(cap.handles)
+        assert gb.upper >= exact
