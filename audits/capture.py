@@ -252,10 +252,17 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
     wrapper = _Map(model, features)
     x = probe[:1].detach()
     notes: list[str] = []
-    stateful = stateful_reason(wrapper, model, x)
-    # the snapshot: parametrizations evaluated once, before export sees them
-    with torch.no_grad():
-        wrapper(x)
+    try:
+        stateful = stateful_reason(wrapper, model, x)
+        # the snapshot: parametrizations evaluated once, before export sees them
+        with torch.no_grad():
+            out = wrapper(probe[:2].detach())
+    except Exception as exc:  # noqa: BLE001 - the model's own failure, said in one line
+        raise CaptureRefused(f"the model fails on a probe input ({_one_line(exc)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or \
+            out.shape[0] != min(2, probe.shape[0]):
+        raise CaptureRefused("the claimed map must return one tensor (N, ...) with one row per "
+                             "input sample")
     with _as_leaves(model, x, wrapper) as handles:
         state = _state(model)  # what the graph will hold: the state export reads
         try:
@@ -288,6 +295,9 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
     except CaptureRefused:
         release(handles)
         raise
+    except Exception as exc:  # noqa: BLE001
+        release(handles)
+        raise CaptureRefused(f"the model fails on a probe input ({_one_line(exc)})") from None
     return cap
 
 
@@ -340,14 +350,21 @@ def _put_state(model: nn.Module, state: list[tuple[str, torch.Tensor]]) -> None:
 
 def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int,
            reset: Callable[[], None]) -> None:
+    """The graph against the forward: on every probe point (the audit's points), two random
+    points and the corners 0 and 1 of the pixel cube, one at a time; and the forward on the
+    whole batch of probe points against those rows (a sample's output must not depend on the
+    rest of its batch, whatever the batch size)."""
     gen = torch.Generator().manual_seed(seed + 7919)
     shape = (1, *cap.input_shape)
-    xs = [probe[:1].detach()] + [
-        torch.rand(shape, generator=gen).to(probe.device, probe.dtype) for _ in range(2)]
+    rnd = [torch.rand(shape, generator=gen).to(probe.device, probe.dtype) for _ in range(2)]
+    corners = [torch.zeros(shape, dtype=probe.dtype, device=probe.device),
+               torch.ones(shape, dtype=probe.dtype, device=probe.device)]
+    points = [p.unsqueeze(0) for p in probe.detach()]
     run = cap.program.module()
     tol = _CHECK_RTOL.get(probe.dtype, 1e-3)
     with torch.no_grad():
-        for x in xs:
+        rows = []
+        for x in points + rnd + corners:
             reset()
             want = wrapper(x)
             got = run(x)
@@ -358,18 +375,17 @@ def _check(cap: Captured, wrapper: nn.Module, probe: torch.Tensor, seed: int,
                 raise CaptureRefused(
                     f"the captured graph differs from the model's forward by {gap:.3g} "
                     "(relative) on a probe: the forward depends on something export does not "
-                    "see (state, randomness); audit a frozen copy (lipverify export)")
-        pair = torch.cat(xs[1:3])
-        reset()
-        together = wrapper(pair)
-        reset()
-        first = wrapper(xs[1])
-        reset()
-        alone = torch.cat([first, wrapper(xs[2])])
-        reset()
-        if not _mismatch(together, alone) <= tol:
-            raise CaptureRefused("a sample's output depends on the other samples of its batch; "
-                                 "per-sample certificates do not apply")
+                    "see (state, randomness, torch.compiler.is_exporting()); audit a frozen "
+                    "copy (lipverify export)")
+            rows.append(want)
+        for batch, alone in ((torch.cat(points), torch.cat(rows[:len(points)])),
+                             (torch.cat(rnd), torch.cat(rows[len(points):len(points) + 2]))):
+            reset()
+            together = wrapper(batch)
+            reset()
+            if not _mismatch(together, alone) <= tol:
+                raise CaptureRefused("a sample's output depends on the other samples of its "
+                                     "batch; per-sample certificates do not apply")
 
 
 def snapshot(model: nn.Module, probe: torch.Tensor, *, features: bool = False

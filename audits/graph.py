@@ -139,9 +139,11 @@ class Lin:
     kind: str
     weight: torch.Tensor
     geom: tuple = ()
+    shape: tuple = ()
+    """The shape of the map's output (a conv may crop or pad)."""
 
     def scaled(self, c: float) -> Lin:
-        return Lin(self.root, self.kind, self.weight * c, self.geom)
+        return Lin(self.root, self.kind, self.weight * c, self.geom, self.shape)
 
 
 @dataclass(eq=False)
@@ -278,8 +280,9 @@ def _unary_constant(node: torch.fx.Node) -> tuple[float, str] | None:
     if t is aten.elu.default:
         alpha, scale, iscale = (list(a[1:]) + [1.0, 1.0, 1.0])[:3]
         vals = [float(alpha), float(scale), float(iscale)]
-        if not all(math.isfinite(v) for v in vals):
-            raise Refused("elu with non-finite parameters")
+        if not all(math.isfinite(v) for v in vals) or vals[2] < 0:
+            raise Refused("elu needs finite parameters and input_scale >= 0 (exp(i x) is "
+                          "unbounded for i < 0)")
         return max(abs(vals[1]), abs(vals[1] * vals[0] * vals[2])), "elu: max(|s|, |s a i|)"
     if t is aten.softplus.default:
         beta = float(a[1]) if len(a) > 1 else 1.0
@@ -304,6 +307,8 @@ _LINEAR_OPS = {aten.convolution.default, aten.mm.default, aten.addmm.default,
                aten.sum.dim_IntList}
 """Ops whose value, when one operand depends on the input (or both, for +/-), is a linear
 map of it plus a constant: they extend a linear chain."""
+_POOL_DIMS = {aten.max_pool2d_with_indices.default: 2, aten.max_pool2d.default: 2,
+              aten.max_pool1d.default: 1, aten.max_pool3d_with_indices.default: 3}
 _WEIGHTED = {aten.convolution.default, aten.mm.default, aten.addmm.default, aten.mul.Tensor,
              aten.div.Tensor, aten._native_batch_norm_legit_no_training.default}
 
@@ -417,6 +422,9 @@ class _Interpreter:
             raise Refused("getitem of a value")
         if any(isinstance(a, Opaque) for a in _flat(args)):
             raise Refused("uses the indices of a sort or max, which are not Lipschitz")
+        rounding = _rounding(node, args, self.env)
+        if rounding is not None:
+            raise Refused(rounding)
         if any(isinstance(a, (Quad, SignOf)) for a in _flat(args)):
             return self.quad_rule(node, args, kwargs)
         if t is LEAF_OP:
@@ -485,7 +493,8 @@ class _Interpreter:
         if t in (aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default):
             v = self.var(args[0])
             out_shape = node.meta["val"][0].shape
-            m = _adaptive_mult(v.shape[2:], out_shape[2:])
+            nd = 2 if t is aten.adaptive_max_pool2d.default else 1
+            m = _adaptive_mult(v.shape[-nd:], out_shape[-nd:])
             out = self.fresh(node, math.sqrt(m) * v.L, math.sqrt(m),
                              f"adaptive max pool: sqrt({m}) windows share an input")
             return Tup([out, Opaque("pool indices")])
@@ -545,7 +554,7 @@ class _Interpreter:
                 x, w, _b, _m, var, _mo, eps = a[:7]
                 scale = (1.0 / torch.sqrt(var + eps)) * (w if w is not None else 1.0)
                 return x * scale.view(1, -1, *([1] * (x.dim() - 2)))
-            if t in (aten.addmm.default,):
+            if t in (aten.addmm.default,) and not isinstance(args[0], Var):
                 zero = torch.zeros((), dtype=torch.float64)
                 return t(zero, *a[1:], **{k: v for k, v in kw.items() if k != "beta"})
             if t is aten.convolution.default:
@@ -559,6 +568,9 @@ class _Interpreter:
         if not (self.space.lips and self.space.lips[-1] == out.L):
             return
         try:
+            if not _batches(fn, root.shape[1:], tuple(out.shape[1:])):
+                out.chain = None  # an op of the chain mixes the batch dimension
+                return
             exact = inflate(linear_norm(fn, root.shape[1:])) * root.L
         except (RuntimeError, ValueError, TypeError, IndexError):
             out.chain = None  # an op of the chain does not batch: the op-by-op bound stands
@@ -608,11 +620,13 @@ class _Interpreter:
 
     def maxmin(self, node: torch.fx.Node, args: tuple) -> Var:
         a, b = args[0], args[1]
+        shape = tuple(node.meta["val"].shape)
         if isinstance(a, Const) or isinstance(b, Const):
             v = a if isinstance(a, Var) else b
-            return self.fresh(node, v.L, 1.0, "max/min with a constant: 1-Lipschitz")
-        return self.fresh(node, self.pair_lip([a.idx, b.idx]), None,
-                          "||D max(a,b)||^2 <= ||D a||^2 + ||D b||^2")
+            return self.fresh(node, self.pair_lip([v.idx.expand(shape)]), 1.0,
+                              "max/min with a constant: 1-Lipschitz per entry")
+        return self.fresh(node, self.pair_lip([a.idx.expand(shape), b.idx.expand(shape)]),
+                          None, "||D max(a,b)||^2 <= ||D a||^2 + ||D b||^2")
 
     # cat with patterns: a gather when every piece is one; sort pairs and CReLU grouped ----
     def _pattern(self, n: object) -> tuple[str, tuple, list[torch.Tensor]] | None:
@@ -624,7 +638,8 @@ class _Interpreter:
         if n.target in (aten.maximum.default, aten.minimum.default):
             a, b = n.args[0], n.args[1]
             if isinstance(env.get(getattr(a, "name", "")), Var) and \
-                    isinstance(env.get(getattr(b, "name", "")), Var):
+                    isinstance(env.get(getattr(b, "name", "")), Var) and \
+                    _pure(env[a.name]) and _pure(env[b.name]):
                 key = ("maxmin", frozenset((_content(env[a.name].idx),
                                             _content(env[b.name].idx))))
                 return ("max" if n.target is aten.maximum.default else "min", key,
@@ -633,7 +648,7 @@ class _Interpreter:
                                                                           torch.fx.Node):
             r = n.args[0]
             if r.target in (aten.max.dim, aten.min.dim, aten.sort.default, aten.sort.stable) \
-                    and isinstance(env.get(r.args[0].name), Var):
+                    and isinstance(env.get(r.args[0].name), Var) and _pure(env[r.args[0].name]):
                 key = ("reduce", _content(env[r.args[0].name].idx),
                        r.args[1] if len(r.args) > 1 else -1)
                 kind = {aten.max.dim: "max", aten.min.dim: "min"}.get(r.target, "sort")
@@ -642,7 +657,8 @@ class _Interpreter:
             a = n.args[0]
             neg = a.target is aten.neg.default
             src = a.args[0] if neg else a
-            if isinstance(src, torch.fx.Node) and isinstance(env.get(src.name), Var):
+            if isinstance(src, torch.fx.Node) and isinstance(env.get(src.name), Var) and \
+                    _pure(env[src.name]):
                 return ("neg" if neg else "pos"), ("crelu", _content(env[src.name].idx)), [
                     env[src.name].idx]
         return None
@@ -687,6 +703,9 @@ class _Interpreter:
         v = self.var(args[0])
         module = leaf_module(int(args[1]))
         shape = tuple(v.shape[1:])
+        why = _leaf_shape_problem(module, shape)
+        if why is not None:
+            raise Refused(f"{type(module).__name__}: {why}")
         ub, method = self.leaf_bound(module, shape)
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0].removeprefix("model.") if stack else node.name
@@ -703,36 +722,62 @@ class _Interpreter:
         t = node.target
         a, b = args[0], args[1]
         alpha = float(kwargs.get("alpha", args[2] if len(args) > 2 else 1.0))
+        # y = ka * a + kb * b
         if t in (aten.rsub.Scalar, aten.rsub.Tensor):
-            a, b = b, a
+            ka, kb = -alpha, 1.0
+        elif t in (aten.sub.Tensor, aten.sub.Scalar):
+            ka, kb = 1.0, -alpha
+        else:
+            ka, kb = 1.0, alpha
+        out_numel = math.prod(node.meta["val"].shape)
         if isinstance(a, Var) and isinstance(b, Var):
-            mean = self._centering(node, args)
+            mean = self._centering(node, args, kwargs)
             if mean is not None:
                 return mean
-            sign = -alpha if t in (aten.sub.Tensor, aten.sub.Scalar) else alpha
-            if t in (aten.rsub.Scalar, aten.rsub.Tensor):
-                sign = -alpha  # rsub(x, y) = y - alpha x, with a, b swapped above
-            merged = self._residual_lemma(node, a, b, sign) if self.lemmas else None
-            if merged is not None:
-                return merged
-            L = a.L + abs(alpha) * b.L
-            return self.fresh(node, L, None, "triangle inequality")
-        v, scale = (a, 1.0) if isinstance(a, Var) else (b, abs(alpha))
-        grow = math.sqrt(math.prod(node.meta["val"].shape) / math.prod(v.shape))
-        out = self.fresh(node, scale * grow * v.L, scale * grow, "shift by a constant")
-        if grow == 1.0 and scale == 1.0:
-            out.lin = v.lin  # an affine shift keeps the linear part
+            ga = math.sqrt(out_numel / math.prod(a.shape))
+            gb = math.sqrt(out_numel / math.prod(b.shape))
+            same_shape = ga == 1.0 and gb == 1.0
+            if same_shape and ka != 0:
+                merged = self._residual_lemma(node, a, b, kb / ka, ka) if self.lemmas \
+                    else None
+                if merged is not None:
+                    return merged
+            L = abs(ka) * ga * a.L + abs(kb) * gb * b.L
+            return self.fresh(node, L, None, "triangle inequality (times sqrt of any "
+                              "broadcast)")
+        v, k = (a, ka) if isinstance(a, Var) else (b, kb)
+        grow = math.sqrt(out_numel / math.prod(v.shape))
+        out = self.fresh(node, abs(k) * grow * v.L, abs(k) * grow, "shift by a constant")
+        if grow == 1.0 and v.lin is not None:
+            out.lin = v.lin.scaled(k)  # an affine shift keeps the (signed) linear part
         return out
 
-    def _residual_lemma(self, node: torch.fx.Node, a: Var, b: Var, sign: float) -> Var | None:
-        """``a + sign * b`` by the SDP-residual lemma or as one merged linear map."""
-        triangle = a.L + abs(sign) * b.L
+    def _centering(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Var | None:
+        if node.target is not aten.sub.Tensor or len(args) > 2 or \
+                float(kwargs.get("alpha", 1.0)) != 1.0:
+            return None
+        src, m = node.args[0], node.args[1]
+        if not (isinstance(m, torch.fx.Node) and m.target in (aten.mean.dim,)
+                and m.args[0] is src and (len(m.args) > 2 and m.args[2] is True)):
+            return None
+        if tuple(node.meta["val"].shape) != tuple(src.meta["val"].shape):
+            return None
+        a = args[0]
+        return self.fresh(node, a.L, 1.0, "centering a - mean(a): an orthogonal projection")
+
+    def _residual_lemma(self, node: torch.fx.Node, a: Var, b: Var, sign: float,
+                        scale: float = 1.0) -> Var | None:
+        """``scale * (a + sign * b)`` by the SDP-residual lemma or as one merged linear map
+        (``a``, ``b`` and the output of one shape)."""
+        if not (a.shape == b.shape == tuple(node.meta["val"].shape)):
+            return None
+        triangle = abs(scale) * (a.L + abs(sign) * b.L)
         # y = x + s g = k (x + (s / k) g): (x, g, s, k) for g = b and, when sign != 0, g = a
         cases = [(a, b, sign, 1.0)] + ([(b, a, 1.0 / sign, sign)] if sign else [])
         for x, g, sg, k in cases:
             if g.res is not None and _same(x, g.res.root):
                 c = -sg * g.res.coef
-                factor = inflate(abs(k) * sdp_residual_factor(c, g.res.n))
+                factor = inflate(abs(scale * k) * sdp_residual_factor(c, g.res.n))
                 L = factor * x.L
                 if L <= triangle:
                     return self.fresh(node, L, factor, f"SDP residual x - c K^T D s(Kx+b): "
@@ -741,6 +786,7 @@ class _Interpreter:
         lin = self._merge(a, b, sign)
         if lin is None:
             return None
+        lin = lin.scaled(scale) if scale != 1.0 else lin
         bound, how = self._lin_norm(lin, tuple(node.meta["val"].shape))
         L = bound * lin.root.L
         if not L <= triangle:
@@ -755,7 +801,9 @@ class _Interpreter:
             return None
         if la.geom != lb.geom or la.weight.shape != lb.weight.shape:
             return None
-        return Lin(la.root, la.kind, la.weight + sign * lb.weight, la.geom)
+        if la.shape != lb.shape:
+            return None
+        return Lin(la.root, la.kind, la.weight + sign * lb.weight, la.geom, la.shape)
 
     @staticmethod
     def _as_lin(v: Var, other: Var) -> Lin | None:
@@ -769,13 +817,13 @@ class _Interpreter:
             n = ol.weight.shape[1]
             if ol.weight.shape[0] != n:
                 return None
-            return Lin(v, "dense", torch.eye(n, dtype=torch.float64))
+            return Lin(v, "dense", torch.eye(n, dtype=torch.float64), (), v.shape)
         stride, padding, dilation, groups = ol.geom
-        if stride != (1, 1) or ol.weight.shape[0] != v.shape[1]:
+        if stride != (1, 1) or ol.weight.shape[0] != v.shape[1] or ol.shape != v.shape:
             return None
         eye = identity_filter(v.shape[1], groups, tuple(ol.weight.shape[2:]), padding,
                               dilation)
-        return None if eye is None else Lin(v, "conv", eye, ol.geom)
+        return None if eye is None else Lin(v, "conv", eye, ol.geom, v.shape)
 
     def _lin_norm(self, lin: Lin, out_shape: tuple[int, ...]) -> tuple[float, str]:
         root = lin.root
@@ -790,18 +838,6 @@ class _Interpreter:
         bound, how = strided_conv_norm(w, tuple(root.shape[2:]), stride=stride,
                                        padding=padding, dilation=dilation, groups=groups)
         return inflate(bound), how
-
-    def _centering(self, node: torch.fx.Node, args: tuple) -> Var | None:
-        if node.target is not aten.sub.Tensor or len(args) > 2:
-            return None
-        src, m = node.args[0], node.args[1]
-        if not (isinstance(m, torch.fx.Node) and m.target in (aten.mean.dim,)
-                and m.args[0] is src and (len(m.args) > 2 and m.args[2] is True)):
-            return None
-        if tuple(node.meta["val"].shape) != tuple(src.meta["val"].shape):
-            return None
-        a = args[0]
-        return self.fresh(node, a.L, 1.0, "centering a - mean(a): an orthogonal projection")
 
     def mul(self, node: torch.fx.Node, args: tuple) -> Var:
         a, b = args[0], args[1]
@@ -840,11 +876,13 @@ class _Interpreter:
         return out
 
     def conv(self, node: torch.fx.Node, args: tuple) -> Var:
-        x, w, _bias, stride, padding, dilation, transposed, _outpad, groups = args[:9]
+        x, w, bias, stride, padding, dilation, transposed, _outpad, groups = args[:9]
         v = self.var(x)
-        if isinstance(w, Var):
-            raise Refused("the filter depends on the input")
+        if _depends(w) or _depends(bias):
+            raise Refused("the filter or the bias depends on the input")
         weight = w.value.detach().cpu().double()
+        if v.idx.dim() != weight.dim():
+            raise Refused("an unbatched convolution (the batch dimension was removed)")
         if weight.dim() != 4:
             return self._conv_dense(node, v, weight, args)
         grid = tuple(v.shape[2:])
@@ -861,7 +899,8 @@ class _Interpreter:
         if src is None and max(in_numel, out_numel) <= self.exact_max_dim:
             out = self._conv_dense(node, v, weight, args)
             if not transposed:
-                out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups))
+                out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups),
+                              out.shape)
             return out
         base = src if src is not None else v
         if src is not None:
@@ -875,7 +914,8 @@ class _Interpreter:
         local = inflate(bound)
         out = self.fresh(node, local * base.L, local, how)
         if not transposed and src is None:
-            out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups))
+            out.lin = Lin(v, "conv", weight, _geom(stride, padding, dilation, groups),
+                          out.shape)
         return out
 
     def _sdp_adjoint(self, node: torch.fx.Node, v: Var, weight: torch.Tensor,
@@ -988,7 +1028,8 @@ class _Interpreter:
         if isinstance(m1, Var) and isinstance(m2, Const) and m1.idx.dim() == 2 and \
                 m2.value.dim() == 2:
             mat2 = m2.value.detach().cpu().double() * alpha
-            dense_lin = Lin(m1, "dense", mat2.T.contiguous())
+            dense_lin = Lin(m1, "dense", mat2.T.contiguous(), (),
+                            tuple(node.meta["val"].shape))
             act = m1.act
             if act is not None and act.lin.kind == "dense" and \
                     act.lin.weight.shape == mat2.shape and torch.equal(act.lin.weight, mat2) \
@@ -1014,8 +1055,10 @@ class _Interpreter:
         return out
 
     def batchnorm(self, node: torch.fx.Node, args: tuple) -> Tup:
-        x, weight, _b, _mean, var, _mom, eps = args[:7]
+        x, weight, bias, mean, var, _mom, eps = args[:7]
         v = self.var(x)
+        if _depends((weight, bias, mean, var)):
+            raise Refused("a batch-norm parameter depends on the input")
         vv = var.value.detach().cpu().double() + float(eps)
         if not bool(torch.isfinite(vv).all()) or not bool((vv > 0).all()):
             raise Refused("batch norm needs running_var + eps > 0 and finite")
@@ -1034,20 +1077,20 @@ class _Interpreter:
         def op(z: torch.Tensor) -> torch.Tensor:
             return t(z, *rest, **kw)
 
-        b = inflate(schur_bound(op, v.shape[1:]))
+        b = inflate(schur_bound(op, v.shape))
         return self.fresh(node, b * v.L, b, "nonnegative linear map: Schur test "
                           "sqrt(max A1 * max A^T 1)")
 
     def maxpool(self, node: torch.fx.Node, args: tuple) -> object:
         v = self.var(args[0])
-        nd = v.idx.dim() - 2
+        nd = _POOL_DIMS[node.target]
         kernel = _pair(args[1], nd)
         stride = _pair(args[2] if len(args) > 2 and args[2] else kernel, nd)
         padding = _pair(args[3] if len(args) > 3 else 0, nd)
         dilation = _pair(args[4] if len(args) > 4 else 1, nd)
         meta = node.meta["val"]
         out = meta[0].shape if isinstance(meta, (list, tuple)) else meta.shape
-        m = window_multiplicity(v.shape[2:], out[2:], kernel, stride, padding, dilation)
+        m = window_multiplicity(v.shape[-nd:], out[-nd:], kernel, stride, padding, dilation)
         res = self.fresh(node, math.sqrt(m) * v.L, math.sqrt(m),
                          f"max pool: sqrt of the most windows sharing an input ({m})")
         if isinstance(meta, (list, tuple)):
@@ -1096,6 +1139,8 @@ class _Interpreter:
                     raise Refused("broadcast sum of quadratic forms")
                 return Quad(shape, a.terms + b.terms, a.eps + b.eps)
             other = b if isinstance(a, Quad) else a
+            if _depends(other):
+                raise Refused("adds an input-dependent value to a square")
             c = torch.as_tensor(other.value if isinstance(other, Const) else other,
                                 dtype=torch.float64).cpu()
             if not _nonneg(c) or torch.broadcast_shapes(c.shape, shape) != shape:
@@ -1112,7 +1157,10 @@ class _Interpreter:
     def _nonneg_op(self, node: torch.fx.Node, args: tuple, kwargs: dict
                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         t = node.target
-        pos = next(i for i, a in enumerate(args) if isinstance(a, Quad))
+        pos = next((i for i, a in enumerate(args) if isinstance(a, Quad)), None)
+        if pos is None or any(isinstance(a, (Var, Quad, SignOf, Opaque))
+                              for i, a in enumerate(_flat(args)) if i != pos):
+            return None
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
             other = args[1 - pos] if len(args) == 2 else None
             if isinstance(other, Quad) or (t in (aten.div.Tensor, aten.div.Scalar) and pos):
@@ -1183,6 +1231,44 @@ def _to_idx(x: object) -> object:
     return x
 
 
+_MANTISSA = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+
+
+def _rounding(node: torch.fx.Node, args: tuple, env: dict) -> str | None:
+    """Why the op rounds an input-dependent value (a cast to an integer, boolean or less
+    precise floating dtype: a step function, not Lipschitz), or None."""
+    meta = node.meta.get("val")
+    if not isinstance(meta, torch.Tensor):
+        return None
+    if not meta.dtype.is_floating_point:
+        return f"casts an input-dependent value to {meta.dtype} (rounding: a step function)"
+    src = [n.meta["val"].dtype for n in node.all_input_nodes
+           if isinstance(n.meta.get("val"), torch.Tensor) and isinstance(env.get(n.name), Var)]
+    if src and _MANTISSA.get(meta.dtype, 0) < max(_MANTISSA.get(d, 0) for d in src):
+        return f"rounds an input-dependent value to {meta.dtype} (a step function)"
+    return None
+
+
+def _leaf_shape_problem(module: torch.nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why a lipverify layer's route does not apply to inputs of this per-sample shape (its
+    parameters would broadcast the input), or None."""
+    from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
+    from lipverify.models import Normalize
+
+    if isinstance(module, Normalize):
+        n = module.std.numel()
+        if len(shape) < 1 or (n > 1 and shape[0] != n):
+            return f"{n} channel statistics applied to inputs of shape {shape} (broadcast)"
+    if isinstance(module, (MaxMin, HouseholderOrder1, HouseholderOrder2)):
+        if len(shape) < 1 or shape[0] % 2:
+            return f"pair activation on inputs of shape {shape}: an odd channel count"
+        params = [p for p in module.parameters()]
+        if any(p.numel() != shape[0] // 2 for p in params):
+            return (f"{shape[0] // 2} channel pairs but parameters of size "
+                    f"{[p.numel() for p in params]} (broadcast)")
+    return None
+
+
 def _geom(stride: object, padding: object, dilation: object, groups: object) -> tuple:
     return (tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), int(groups))
 
@@ -1192,8 +1278,28 @@ def _same(a: Var, b: Var) -> bool:
     their index ranges, so equal maps mean equal values)."""
     if a is b:
         return True
-    return (a.src is None and b.src is None and a.idx.shape == b.idx.shape
+    return (_pure(a) and _pure(b) and a.idx.shape == b.idx.shape
             and bool(torch.equal(a.idx, b.idx)))
+
+
+def _batches(fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int],
+             out_shape: Sequence[int]) -> bool:
+    """``fn`` maps a batch of samples to the batch of its per-sample outputs (dim 0 stays
+    the batch): checked on two random samples, together and one at a time."""
+    z = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    both = fn(z)
+    ones = [fn(z[i:i + 1]) for i in range(2)]
+    if tuple(both.shape) != (2, *out_shape) or any(
+            tuple(o.shape) != (1, *out_shape) for o in ones):
+        return False
+    return bool(torch.allclose(both, torch.cat(ones), rtol=1e-12, atol=1e-12))
+
+
+def _pure(v: Var) -> bool:
+    """Every entry of ``v`` is a copy of an entry of some value: no constant entries (whose
+    values the index map does not record) and no elementwise function on top."""
+    return v.src is None and bool((v.idx > 0).all())
 
 
 def _monotone_01(node: torch.fx.Node) -> bool:

@@ -842,9 +842,16 @@ def lipschitz_audit(
             else:
                 f64 = _claimed_map(f64_module, map)
         lower_by: dict[str, float] = {}
-        lower_by["local_power"], v = _local_power(f32, f64, xs, gen, power_iters)
-        lower_by["global_ascent"] = _global_ascent(f32, f64, xs, v, gen, ascent_steps)
-        lower_by["random_pairs"] = _random_pairs(f32, f64, xs, gen)
+        try:
+            lower_by["local_power"], v = _local_power(f32, f64, xs, gen, power_iters)
+            lower_by["global_ascent"] = _global_ascent(f32, f64, xs, v, gen, ascent_steps)
+            lower_by["random_pairs"] = _random_pairs(f32, f64, xs, gen)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            text = str(exc).strip().splitlines()
+            notes.append(f"the attained lower bounds could not run on this model "
+                         f"({type(exc).__name__}: {text[0][:160] if text else ''})")
+            lower_by = {k: lower_by.get(k, 0.0)
+                        for k in ("local_power", "global_ascent", "random_pairs")}
     lower_by = {k: v * (1 - LOWER_SAFETY) for k, v in lower_by.items()}
     lower = max(lower_by.values())
     errors = [f"{lb.name}: attained lower bound {lb.lower:.9g} > guaranteed upper bound "

@@ -274,8 +274,9 @@ def strided_conv_norm(
 def schur_bound(op: Callable[[torch.Tensor], torch.Tensor], input_shape: Sequence[int],
                 device: torch.device | str = "cpu") -> float:
     """``sqrt(max(A 1) * max(A^T 1))`` for the float64 linear map ``op`` whose matrix has
-    nonnegative entries (the caller guarantees it): an upper bound on its norm (Schur test)."""
-    x = torch.ones(1, *input_shape, dtype=torch.float64, device=device, requires_grad=True)
+    nonnegative entries (the caller guarantees it): an upper bound on its norm (Schur test).
+    ``op`` is applied to one tensor of exactly ``input_shape``."""
+    x = torch.ones(*input_shape, dtype=torch.float64, device=device, requires_grad=True)
     with torch.enable_grad():
         y = op(x)
         (cols,) = torch.autograd.grad(y, x, torch.ones_like(y))
