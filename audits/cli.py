@@ -1,6 +1,9 @@
 """``lipverify audit``: audit a checkpoint (or the built-in default) and write a report.
 
-Exit codes: 0 sound, 1 unsound, 2 bad input, 3 inconclusive, 4 internal error.
+Exit codes: 0 sound, 1 unsound, 2 bad input, 3 inconclusive, 4 internal error. Under
+``torchrun`` (:mod:`lipverify.distributed`) a finished audit exits 0 whatever its verdict,
+since torchrun takes any other status for a failed worker and restarts the job; the verdict is
+in ``report.json`` and in the summary printed by rank 0.
 """
 
 from __future__ import annotations
@@ -9,17 +12,17 @@ import argparse
 import importlib
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from lipverify.audits.runner import Progress
 from lipverify.cli import finite_float, positive_int
 from lipverify.errors import InputError, LipverifyError
 
 SUITES = ("quick", "standard", "minimal-norm")
 REPORT_FILES = ("report.json", "report.md", "report.html")
-
-
 
 
 def _seed(text: str) -> int:
@@ -48,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--n", type=positive_int, default=100, help="number of points (default 100)")
+    p.add_argument("--num-points", "--n", dest="n", type=positive_int, default=100,
+                   metavar="N", help="audit the first N points of the split (default 100); "
+                   "under torchrun write --num-points (torchrun takes --n for its own options)")
     p.add_argument("--attacks", default="quick", choices=SUITES)
     p.add_argument("--checks", default="lipschitz,gnp,attacks",
                    help="comma-separated subset of lipschitz,gnp,attacks")
@@ -60,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted audit in --out")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; "
+                   "under torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -135,14 +141,109 @@ def output_dir(args: argparse.Namespace, name: str) -> Path:
     raise InputError("could not create a new output directory under audits/")
 
 
-def run(args: argparse.Namespace) -> int:
-    from lipverify.audits.runner import CHECKS, audit
-    from lipverify.data import load_dataset
-    from lipverify.errors import check_device, check_images
+class CliProgress(Progress):
+    """The audit's progress on stderr: tqdm bars on a terminal (the attacks: points done of
+    all, violations so far, time left; the Lipschitz and GNP stages: time spent), otherwise one
+    line per stage and per finished chunk; nothing with ``--quiet``."""
 
-    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+    def __init__(self, quiet: bool = False, tty: bool | None = None) -> None:
+        super().__init__()
+        self.quiet = quiet
+        self.tty = (not quiet) and (sys.stderr.isatty() if tty is None else tty)
+        self._attack_bar: Any = None
+        self._stage_bar: Any = None
+        self._stop_tick: threading.Event | None = None
+        self._first: tuple[float, int] | None = None  # (time, points done) at the first update
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str) -> None:
+        if self.quiet or self.tty or message.startswith("attacking chunk"):
+            return  # bars on a terminal; chunk lines come from attacks_update
+        sys.stderr.write(f"[audit] {message}\n")
+
+    def stage_begin(self, name: str) -> None:
+        if not self.tty or name not in _STAGE_LABELS:
+            return
+        from tqdm import tqdm
+
+        with self._lock:
+            self._stage_bar = tqdm(total=None, desc=_STAGE_LABELS[name], file=sys.stderr,
+                                   bar_format="{desc}: {elapsed} elapsed",
+                                   position=1 if self._attack_bar is not None else 0)
+        stop = self._stop_tick = threading.Event()
+        bar = self._stage_bar
+
+        def tick() -> None:  # the stage reports nothing itself: keep the clock moving
+            while not stop.wait(0.5):
+                with self._lock:
+                    bar.refresh()
+
+        threading.Thread(target=tick, daemon=True).start()
+
+    def stage_end(self, name: str) -> None:
+        if name in _STAGE_LABELS and self._stage_bar is not None:
+            self._stop_tick.set()
+            with self._lock:
+                self._stage_bar.close()
+                self._stage_bar = None
+        if name == "attacks" and self._attack_bar is not None:
+            with self._lock:
+                self._attack_bar.close()
+                self._attack_bar = None
+
+    def attacks_update(self, total: int, done: int, violations: int) -> None:
+        if self.quiet:
+            return
+        now = time.time()
+        if self._first is None:
+            self._first = (now, done)
+        if self.tty:
+            from tqdm import tqdm
+
+            with self._lock:
+                if self._attack_bar is None:
+                    self._attack_bar = tqdm(total=total, initial=done, desc="attacks",
+                                            unit="pt", file=sys.stderr, position=0)
+                bar = self._attack_bar
+                bar.set_postfix_str(f"{violations} violations", refresh=False)
+                bar.update(done - bar.n)
+            return
+        t0, d0 = self._first
+        left = ""
+        if done > d0 and done < total:
+            left = f", about {_duration((total - done) * (now - t0) / (done - d0))} left"
+        sys.stderr.write(f"[audit] attacks: {done}/{total} points, {violations} "
+                         f"violation(s){left}\n")
+
+    def close(self) -> None:
+        for name in ("lipschitz", "attacks"):
+            self.stage_end(name)
+
+
+_STAGE_LABELS = {"lipschitz": "Lipschitz bound (per-layer bounds, then float64 lower bounds)",
+                 "gnp": "gradient-norm preservation"}
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _parse_checks(text: str) -> tuple[str, ...]:
+    from lipverify.audits.runner import CHECKS
+
+    checks = tuple(c.strip() for c in text.split(",") if c.strip())
     if not checks or set(checks) - set(CHECKS):
         raise InputError(f"--checks takes a comma-separated subset of {','.join(CHECKS)}")
+    return checks
+
+
+def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, dict, str, Any, Any]:
+    """(model, name, model source, dataset, x, y) on ``device``."""
+    from lipverify.data import load_dataset
+    from lipverify.errors import check_images
+
     model, name, source, default_ds = resolve_model(args)
     dataset = args.dataset or default_ds
     if dataset is None:
@@ -155,25 +256,23 @@ def run(args: argparse.Namespace) -> int:
     classes = cfg.get("num_classes")
     if classes is not None and info.num_classes > classes:
         raise InputError(f"the dataset has {info.num_classes} classes, the model {classes}")
-    device = check_device(args.device)
-    model = model.to(device)
-    x, y = x.to(device), y.to(device)
+    return model.to(device), name, source, dataset, x.to(device), y.to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lipverify import distributed
+
+    checks = _parse_checks(args.checks)
+    if distributed.launched():
+        with distributed.process_group(args.device) as (world, device):
+            return _run_sharded(args, checks, world, device)
+    from lipverify.audits.runner import audit
+    from lipverify.errors import check_device
+
+    model, name, source, dataset, x, y = _load(args, check_device(args.device))
     fresh = not (args.out and Path(args.out).exists())
     out = output_dir(args, name)
-
-    bar = None
-    if not args.quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc="audit", unit="step", file=sys.stderr)
-
-    def progress(msg: str) -> None:
-        if bar is not None:
-            bar.set_description(msg)
-            bar.update(1)
-        elif not args.quiet:
-            sys.stderr.write(f"[audit] {msg}\n")
-
+    progress = CliProgress(args.quiet)
     prov = {"model_source": source, "dataset": dataset, "split": args.split,
             "data_dir": args.data_dir, "command": sys.argv}
     try:
@@ -185,9 +284,59 @@ def run(args: argparse.Namespace) -> int:
         if fresh and not any(out.iterdir()):  # refused before any work: leave no empty dir
             out.rmdir()
         raise
-    if bar is not None:
-        bar.close()
+    finally:
+        progress.close()
     report.save(out)
     print(report.summary())
     print(f"report: {out / 'report.html'}  (json: {out / 'report.json'})")
     return report.exit_code
+
+
+def _sharded_output_dir(args: argparse.Namespace, name: str, world: Any) -> tuple[Path, bool]:
+    """Rank 0: the output folder, and whether it is new. After a torchrun restart
+    (``TORCHELASTIC_RESTART_COUNT > 0``, or a folder recorded by an earlier attempt of this
+    job in torchrun's store) it is the first attempt's folder, resumed rather than refused."""
+    from lipverify.distributed import job_board
+
+    board = job_board(world)
+    previous = board.get("audit-out")
+    if world.restart > 0 or previous is not None:
+        if not args.out:
+            args.out = previous
+        args.resume, args.overwrite = bool(args.out), False
+    fresh = not (args.out and Path(args.out).exists())
+    out = output_dir(args, name)
+    board.set("audit-out", str(out.resolve()))
+    return out, fresh
+
+
+def _run_sharded(args: argparse.Namespace, checks: tuple[str, ...], world: Any,
+                 device: Any) -> int:
+    from lipverify import distributed
+
+    model, name, source, dataset, x, y = distributed.agree(world, lambda: _load(args, device))
+    out, fresh = distributed.on_main(world, lambda: _sharded_output_dir(args, name, world))
+    out = Path(out)
+    progress = CliProgress(args.quiet or not world.main)
+    prov = {"model_source": source, "dataset": dataset, "split": args.split,
+            "data_dir": args.data_dir, "command": sys.argv}
+    try:
+        report = distributed.audit_sharded(
+            model, x, y, state_dir=out / ".state", world=world, progress=progress,
+            provenance=prov, lipschitz=args.lipschitz, attacks=args.attacks, checks=checks,
+            tolerance=args.tolerance, seed=args.seed, lipschitz_points=args.lipschitz_points)
+    except LipverifyError:
+        if world.main and fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        progress.close()
+    if report is None:
+        return 0
+    report.save(out)
+    print(report.summary())
+    print(f"report: {out / 'report.html'}  (json: {out / 'report.json'})")
+    print(f"({world.size} processes; under torchrun the exit status is 0 for every verdict: "
+          f"read the verdict above or in report.json)")
+    sys.stdout.flush()
+    return 0

@@ -17,11 +17,13 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lipverify.atomic import atomic_write_text
 from lipverify.cli import positive_int
+from lipverify.distributed import World
 from lipverify.errors import InputError, check_device, check_images, check_labels
 
 __all__ = ["add_arguments", "run", "parse_radius", "certify_dataset", "format_table"]
@@ -60,40 +62,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", nargs="+", type=parse_radius, metavar="R",
                         help="l2 radii in pixel units, e.g. 36/255 0.5 "
                              "(default 36/255 72/255 108/255)")
-    parser.add_argument("--n", type=positive_int, metavar="N",
-                        help="certify the first N images of the split")
+    parser.add_argument("--num-points", "--n", dest="n", type=positive_int, metavar="N",
+                        help="certify the first N images of the split; under torchrun write "
+                             "--num-points (torchrun takes --n for its own options)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (atomic)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; under "
+                                         "torchrun each rank uses cuda:LOCAL_RANK)")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="never download CIFAR")
 
 
 def certify_dataset(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, radii: list[float],
-    device: torch.device | str = "cpu", batch_size: int = 256,
-) -> dict:
+    device: torch.device | str = "cpu", batch_size: int = 256, world: World | None = None,
+) -> dict | None:
     """Certify ``model`` on pixels ``x`` (float in [0, 1]) with labels ``y``.
 
     Returns ``clean_accuracy``, ``certified_accuracy`` (``"%.6f" % r`` -> fraction),
-    ``samples`` (``index, label, pred, radius`` per image) and the claim used.
+    ``samples`` (``index, label, pred, radius`` per image) and the claim used. Under torchrun
+    (``world``), call it on every rank with the same arguments: each certifies whole batches
+    (batch ``b`` on rank ``b % world.size``), and rank 0 gets the same table as one process
+    would; the other ranks get None.
     """
     from lipverify.certificates import Certificates, certified_accuracy, certify, claim_of
+    from lipverify.distributed import certify_batches
 
     cfg = getattr(model, "config", {}) or {}
     check_images(x, channels=cfg.get("in_channels"), size=cfg.get("input_size"))
     y = check_labels(y, x.shape[0], cfg.get("num_classes"))
     lip, kind = claim_of(model)
     model = model.to(device).eval()
-    parts = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            parts.append(certify(model, x[i : i + batch_size].to(device), batch_size=batch_size))
-    cert = Certificates(
-        torch.cat([c.pred.cpu() for c in parts]),
-        torch.cat([c.radius.cpu() for c in parts]),
-        torch.cat([c.logits.cpu() for c in parts]),
-    )
+
+    def batch(start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            c = certify(model, x[start:stop].to(device), batch_size=batch_size)
+        return c.pred, c.radius, c.logits
+
+    parts = certify_batches(batch, x.shape[0], batch_size, world or World())
+    if parts is None:
+        return None
+    cert = Certificates(*(torch.cat([p[i] for p in parts]) for i in range(3)))
     acc = certified_accuracy(model, None, y, radii, certificates=cert)
     acc["samples"] = [
         {"index": i, "label": int(lbl), "pred": int(p), "radius": float(r)}
@@ -150,9 +159,18 @@ def _json_text(doc: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lipverify import distributed
+
+    if distributed.launched():
+        with distributed.process_group(args.device) as (world, device):
+            return _run(args, world, device)
+    return _run(args, World(), None)
+
+
+def _points(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str | None, str, Any, Any]:
+    """(model, description, dataset, source, x, y) as the options choose them."""
     from lipverify.data import load_dataset
 
-    radii = list(args.radii) if args.radii else [parse_radius(r) for r in DEFAULT_RADII_TEXT]
     model, what, default_data = _load(args)
     meta = getattr(model, "metadata", {}) or {}
     dataset = args.dataset
@@ -178,9 +196,21 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.n is not None:
         x, y = x[: args.n], y[: args.n]
-    device = check_device(args.device)
-    result = certify_dataset(model, x.float(), torch.as_tensor(y), radii, device,
-                             args.batch_size)
+    return model, what, dataset, source, x, y
+
+
+def _run(args: argparse.Namespace, world: World, device: torch.device | None) -> int:
+    """Certify (on every rank of a torchrun job); rank 0 prints and writes the JSON."""
+    from lipverify.distributed import agree
+
+    radii = list(args.radii) if args.radii else [parse_radius(r) for r in DEFAULT_RADII_TEXT]
+    model, what, dataset, source, x, y = agree(world, lambda: _points(args))
+    if device is None:
+        device = check_device(args.device)
+    result = agree(world, lambda: certify_dataset(model, x.float(), torch.as_tensor(y), radii,
+                                                  device, args.batch_size, world))
+    if result is None:  # another rank than 0 of a torchrun job: rank 0 prints and writes
+        return 0
     print(f"checkpoint: {what}")
     print(f"data: {source}, {x.shape[0]} images; claim L = {result['lipschitz']:.6g} "
           f"({result['certificate_kind']} certificate)")
@@ -194,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
             "n": int(x.shape[0]),
             "radii": radii,
             **result,
+            "provenance": {"world_size": world.size},
         }
         atomic_write_text(Path(args.json), _json_text(doc))
         print(f"wrote {args.json}")
