@@ -11,11 +11,12 @@ included: what a user waits for), run alternately ``--runs`` times (median):
 * ``2proc_x1thread``: ``torchrun --standalone --nproc-per-node=2 -m lipverify audit ...`` with
   ``OMP_NUM_THREADS=1`` (gloo; rank 0 bounds the Lipschitz constant while rank 1 attacks).
 
-Printed: the median wall seconds of each, the ratio (baseline seconds / variant seconds: above
-1 the sharded run is faster), the stage seconds from each report, and how far the two reports
-agree: verdict, violation indices, certified accuracy, and the largest relative difference of
-a radius and of an adversarial distance (1 and 2 threads may round differently; the tests
-compare sharded and single-process runs at 1 thread each, where the reports are identical).
+Printed: the median wall seconds of each (and every run's), the ratio (baseline seconds /
+variant seconds: above 1 the sharded run is faster), the stage seconds of each variant's last
+report, and how far the two reports agree: verdict, violation indices, certified accuracy, the
+sections that differ, and the largest relative difference of a radius and of an adversarial
+distance (1 and 2 threads may round differently; the tests compare sharded and
+single-process runs at 1 thread each, where the reports are identical).
 
     python benchmarks/bench_sharded.py [--quick] [--runs R] [--num-points N] [--json FILE]
 
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: audit, {doc['provenance']['n_points']} points, checks lipschitz,attacks, "
           f"suite quick; verdict {doc['verdict']}, {len(doc['violations'])} violations")
     for v in VARIANTS:
-        print(f"  {v:16s} {median[v]:8.1f} s   ratio {ratio[v]:.2f}x   stages "
-              f"{json.dumps(stages[v])}")
+        runs = ", ".join(f"{t:.1f}" for t in times[v])
+        print(f"  {v:16s} median {median[v]:7.1f} s (runs {runs})   ratio {ratio[v]:.2f}x   "
+              f"last run's stages {json.dumps(stages[v])}")
     print(f"  reports: {json.dumps(same)}")
     save_results(args.json, info, args, [{
         "workload": "audit", "points": doc["provenance"]["n_points"],
