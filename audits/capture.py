@@ -89,14 +89,14 @@ def _leaf_types() -> tuple[type, ...]:
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """A lipverify layer whose class keeps its forward, with no instance forward, no
-    ``__call__`` override and no parametrization: it enters the graph as one opaque op."""
+    """A lipverify layer of exactly one of the leaf classes, with no instance-level method
+    (forward or helper), no ``__call__`` override and no parametrization: it enters the
+    graph as one opaque op."""
     cls = type(module)
     return (
-        any(cls is t or (isinstance(module, t) and cls.forward is t.forward)
-            for t in _leaf_types())
-        and "forward" not in module.__dict__
-        and "_call_impl" not in module.__dict__
+        cls in _leaf_types()  # exactly: a subclass may change any helper its forward calls
+        and not any(callable(v) and not isinstance(v, nn.Module)
+                    for v in vars(module).values())  # no instance-level method overrides
         and cls.__call__ is nn.Module.__call__
         and not parametrize.is_parametrized(module)
     )

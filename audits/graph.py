@@ -241,12 +241,25 @@ _GATHERS = {
     aten.replication_pad2d.default, aten.replication_pad3d.default,
     aten._unsafe_index.Tensor, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
     aten.transpose.int, aten.t.default, aten.detach.default, aten.lift_fresh_copy.default,
-    aten.as_strided.default, aten.diagonal.default, aten.narrow.default,
+    aten.diagonal.default, aten.narrow.default,
     aten.where.self, aten.im2col.default, aten.unfold.default, aten.upsample_nearest2d.vec,
     aten.upsample_nearest2d.default, aten.expand_copy.default, aten.permute_copy.default,
     aten.view_copy.default, aten.contiguous.default if hasattr(aten, "contiguous") else None,
 }
 _GATHERS.discard(None)
+
+_NO_OPS = {aten._assert_tensor_metadata.default} if hasattr(
+    aten, "_assert_tensor_metadata") else set()
+"""Checks that compute nothing (export's dtype/device assertions)."""
+
+_QUAD_GATHERS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.clone.default,
+    aten.alias.default, aten.flip.default, aten.transpose.int, aten.t.default,
+}
+"""Gathers that copy every output entry from the input (no constant entries, no scatter):
+the only ones allowed inside the nonnegative linear maps of an l2-norm merge."""
 
 _IDENTITY = {aten._to_copy.default, aten.clone.default, aten.detach.default,
              aten.alias.default, aten.lift_fresh_copy.default}
@@ -384,6 +397,9 @@ class _Interpreter:
                 continue
             if node.op != "call_function":
                 raise Refused(f"{node.name}: unsupported graph node kind {node.op}")
+            if node.target in _NO_OPS:
+                self.env[node.name] = Const(None)
+                continue
             args, kwargs = self.value(node.args), self.value(node.kwargs)
             if not _depends(args) and not _depends(kwargs):
                 self.env[node.name] = Const(node.target(*_raw(args), **_raw(kwargs)))
@@ -395,7 +411,11 @@ class _Interpreter:
                         or node.target in _IDENTITY):
                     self.linear_chain(node, args, kwargs, out)
                 self.env[node.name] = out
-            except Refused as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of a rule is a refusal
+                if not isinstance(exc, Refused):
+                    text = str(exc).strip().splitlines()
+                    exc = Refused(f"the rule failed ({type(exc).__name__}: "
+                                  f"{text[0][:160] if text else ''})")
                 stack = node.meta.get("nn_module_stack") or {}
                 path = list(stack.values())[-1][0].removeprefix("model.") if stack else ""
                 where = f"{path}: " if path else ""
@@ -515,36 +535,34 @@ class _Interpreter:
         fns = [c[1] for c in chains]
         t = node.target
 
+        keep = _INDEX_ARGS.get(t, set())
+
         def lin_args(z: torch.Tensor) -> tuple:
             it = iter(fns)
 
-            def sub(a: object) -> object:
+            def sub(a: object, top: int | None = None) -> object:
                 if isinstance(a, Var):
                     return next(it)(z)
                 if isinstance(a, Const):
                     v = a.value
                     if isinstance(v, torch.Tensor):
                         v = v.detach().cpu()
-                        return v.double() if t in _WEIGHTED else (
-                            torch.zeros(v.shape, dtype=torch.float64)
-                            if v.is_floating_point() else v)
+                        if top in keep:
+                            return v
+                        # weights are read exactly; any other constant is a shift: dropped
+                        return v.double() if t in _WEIGHTED else torch.zeros(
+                            v.shape, dtype=torch.float64)
                     return v
                 if isinstance(a, (list, tuple)):
                     return type(a)(sub(e) for e in a)
                 return a
 
-            return sub(args)
+            return tuple(sub(a, i) for i, a in enumerate(args))
 
         kw = _raw(kwargs)
-        shift = t in (aten.add.Tensor, aten.sub.Tensor) and len(vars_) == 1
 
         def fn(z: torch.Tensor) -> torch.Tensor:
             a = lin_args(z)
-            if shift:  # the constant operand is a shift: drop it
-                if isinstance(args[0], Var):
-                    return a[0]
-                alpha = float(kw.get("alpha", 1.0))
-                return (-alpha if t is aten.sub.Tensor else alpha) * a[1]
             if t is aten.constant_pad_nd.default:
                 a = (a[0], a[1], 0.0)
             if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
@@ -599,7 +617,7 @@ class _Interpreter:
 
     def gather(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> object:
         t = node.target
-        idx_args = _to_idx(args)
+        idx_args = _to_idx(args, t)
         if t is aten.constant_pad_nd.default:
             idx_args = (idx_args[0], idx_args[1], 0.0)
         if t in (aten.view.default, aten._unsafe_view.default):
@@ -640,10 +658,10 @@ class _Interpreter:
             if isinstance(env.get(getattr(a, "name", "")), Var) and \
                     isinstance(env.get(getattr(b, "name", "")), Var) and \
                     _pure(env[a.name]) and _pure(env[b.name]):
-                key = ("maxmin", frozenset((_content(env[a.name].idx),
-                                            _content(env[b.name].idx))))
-                return ("max" if n.target is aten.maximum.default else "min", key,
-                        [env[a.name].idx, env[b.name].idx])
+                shape = tuple(n.meta["val"].shape)
+                ia, ib = env[a.name].idx.expand(shape), env[b.name].idx.expand(shape)
+                key = ("maxmin", frozenset((_content(ia), _content(ib))))
+                return ("max" if n.target is aten.maximum.default else "min", key, [ia, ib])
         if n.target is operator.getitem and n.args[1] == 0 and isinstance(n.args[0],
                                                                           torch.fx.Node):
             r = n.args[0]
@@ -884,6 +902,10 @@ class _Interpreter:
         if v.idx.dim() != weight.dim():
             raise Refused("an unbatched convolution (the batch dimension was removed)")
         if weight.dim() != 4:
+            if max(math.prod(v.shape[1:]), math.prod(node.meta["val"].shape[1:])) > \
+                    self.exact_max_dim:
+                raise Refused(f"a {weight.dim() - 2}-D convolution larger than the exact "
+                              "route (only 2-D convolutions have the frequency route)")
             return self._conv_dense(node, v, weight, args)
         grid = tuple(v.shape[2:])
         if transposed:
@@ -1176,8 +1198,7 @@ class _Interpreter:
             return lambda z: z * c
         if pos != 0 or _depends(args[1:]):
             return None
-        if t in _NONNEG_LINEAR or (t in _GATHERS and t not in (aten.where.self,
-                                                                aten.constant_pad_nd.default)):
+        if t in _NONNEG_LINEAR or t in _QUAD_GATHERS:
             rest, kw = _raw(args[1:]), _raw(kwargs)
             return lambda z: t(z, *rest, **kw)
         if t in _IDENTITY:
@@ -1215,20 +1236,43 @@ def _raw(x: object) -> object:
     return x
 
 
-def _to_idx(x: object) -> object:
-    """Arguments for running a gather on index maps: values -> their index maps, floating
-    constants -> zeros (a constant entry), integer constants (indices, masks) as they are."""
+_INDEX_ARGS = {aten.index.Tensor: {1}, aten._unsafe_index.Tensor: {1},
+               aten.index_select.default: {2}, aten.where.self: {0}}
+"""Argument positions that hold indices or masks (kept as they are); every other constant
+tensor is data: a constant entry (0 in an index map)."""
+
+
+def _to_idx(x: object, target: object = None) -> object:
+    """Arguments for running a gather on index maps: values -> their index maps, constant
+    tensors -> zeros (constant entries), except the op's index and mask arguments."""
+    keep = _INDEX_ARGS.get(target, set())
+    if isinstance(x, tuple) and target is not None:
+        return tuple(e if i in keep and not _depends(e) else _to_idx(e)
+                     for i, e in enumerate(_raw_index(x, keep)))
     if isinstance(x, Var):
         return x.idx
     if isinstance(x, Const):
         v = x.value
         if isinstance(v, torch.Tensor):
-            v = v.detach().cpu()
-            return torch.zeros(v.shape, dtype=torch.float64) if v.is_floating_point() else v
+            return torch.zeros(v.shape, dtype=torch.float64)
         return v
     if isinstance(x, (list, tuple)):
         return type(x)(_to_idx(e) for e in x)
     return x
+
+
+def _raw_index(args: tuple, keep: set[int]) -> tuple:
+    """The index and mask arguments as plain tensors (on the CPU)."""
+    out = []
+    for i, a in enumerate(args):
+        if i in keep:
+            a = _raw(a)
+            if isinstance(a, torch.Tensor):
+                a = a.detach().cpu()
+            elif isinstance(a, (list, tuple)):
+                a = type(a)(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in a)
+        out.append(a)
+    return tuple(out)
 
 
 _MANTISSA = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
@@ -1243,7 +1287,8 @@ def _rounding(node: torch.fx.Node, args: tuple, env: dict) -> str | None:
     if not meta.dtype.is_floating_point:
         return f"casts an input-dependent value to {meta.dtype} (rounding: a step function)"
     src = [n.meta["val"].dtype for n in node.all_input_nodes
-           if isinstance(n.meta.get("val"), torch.Tensor) and isinstance(env.get(n.name), Var)]
+           if isinstance(n.meta.get("val"), torch.Tensor)
+           and isinstance(env.get(n.name), (Var, Quad, SignOf))]
     if src and _MANTISSA.get(meta.dtype, 0) < max(_MANTISSA.get(d, 0) for d in src):
         return f"rounds an input-dependent value to {meta.dtype} (a step function)"
     return None
@@ -1255,17 +1300,33 @@ def _leaf_shape_problem(module: torch.nn.Module, shape: tuple[int, ...]) -> str 
     from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
     from lipverify.models import Normalize
 
+    tensors = {k: v for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+    tensors.update({k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)})
+    if not shape:
+        return "a scalar input"
+    c = shape[0]
+    want: dict[str, tuple[int, ...]] = {}
     if isinstance(module, Normalize):
-        n = module.std.numel()
-        if len(shape) < 1 or (n > 1 and shape[0] != n):
-            return f"{n} channel statistics applied to inputs of shape {shape} (broadcast)"
-    if isinstance(module, (MaxMin, HouseholderOrder1, HouseholderOrder2)):
-        if len(shape) < 1 or shape[0] % 2:
-            return f"pair activation on inputs of shape {shape}: an odd channel count"
-        params = [p for p in module.parameters()]
-        if any(p.numel() != shape[0] // 2 for p in params):
-            return (f"{shape[0] // 2} channel pairs but parameters of size "
-                    f"{[p.numel() for p in params]} (broadcast)")
+        want = {"mean": (1, c, 1, 1), "std": (1, c, 1, 1)}
+        if len(shape) != 3:
+            return f"per-channel statistics applied to inputs of shape {shape}"
+    elif isinstance(module, HouseholderOrder1):
+        want = {"theta": (1, c // 2, 1, 1)}
+    elif isinstance(module, HouseholderOrder2):
+        want = {"theta0": (c // 2,), "theta1": (c // 2,), "theta2": (c // 2,)}
+    elif not isinstance(module, MaxMin):
+        return None
+    if isinstance(module, (MaxMin, HouseholderOrder1, HouseholderOrder2)) and c % 2:
+        return f"pair activation on inputs of shape {shape}: an odd channel count"
+    if isinstance(module, (HouseholderOrder1, HouseholderOrder2)) and len(shape) != 3:
+        return f"pair activation with parameters on inputs of shape {shape}"
+    extra = set(tensors) - set(want)
+    if extra:
+        return f"unexpected tensors {sorted(extra)} (they could broadcast the input)"
+    for k, shp in want.items():
+        if k not in tensors or tuple(tensors[k].shape) != shp:
+            got = tuple(tensors[k].shape) if k in tensors else None
+            return f"{k} has shape {got}, not {shp} (it would broadcast the input)"
     return None
 
 
@@ -1286,11 +1347,11 @@ def _batches(fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int],
              out_shape: Sequence[int]) -> bool:
     """``fn`` maps a batch of samples to the batch of its per-sample outputs (dim 0 stays
     the batch): checked on two random samples, together and one at a time."""
-    z = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0),
+    z = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64)
     both = fn(z)
-    ones = [fn(z[i:i + 1]) for i in range(2)]
-    if tuple(both.shape) != (2, *out_shape) or any(
+    ones = [fn(z[i:i + 1]) for i in range(3)]
+    if tuple(both.shape) != (3, *out_shape) or any(
             tuple(o.shape) != (1, *out_shape) for o in ones):
         return False
     return bool(torch.allclose(both, torch.cat(ones), rtol=1e-12, atol=1e-12))

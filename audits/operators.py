@@ -67,7 +67,10 @@ def materialise(
         m = min(chunk, n - start)
         e = torch.zeros(m, n, dtype=torch.float64, device=device)
         e[torch.arange(m), start + torch.arange(m)] = 1.0
-        rows.append(op(e.view(m, *input_shape)).reshape(m, -1))
+        out = op(e.view(m, *input_shape))
+        if out.shape[0] != m:
+            raise ValueError("the map does not keep one output row per input sample")
+        rows.append(out.reshape(m, -1))
     return torch.cat(rows).T
 
 

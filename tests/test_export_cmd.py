@@ -16,7 +16,8 @@ class PowerIterNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(4, 3 * 32 * 32, generator=torch.Generator().manual_seed(1)))
+        gen = torch.Generator().manual_seed(1)
+        self.weight = nn.Parameter(torch.randn(4, 3 * 32 * 32, generator=gen))
         self.u = torch.ones(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

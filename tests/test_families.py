@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 
+import families as fam
 import pytest
 import torch
 import torch.nn.functional as F
 
-import families as fam
 from lipverify.audits import audit
 from lipverify.audits.operators import linear_norm
 

@@ -69,6 +69,15 @@ def _quant_pairs(step: float):
     return [(a, a + 2e-9)]
 
 
+def _hh1_with_a_broadcasting_buffer():
+    from lipverify.layers.activations import HouseholderOrder1
+
+    h = HouseholderOrder1(4)
+    del h.theta
+    h.register_buffer("theta", torch.full((1, 2, 1, 2), torch.pi / 2))
+    return Fn(lambda s, x: s.h(x).flatten(1), h=h)
+
+
 CASES = {
     "normalize-broadcast": (lambda: __import__("lipverify.models", fromlist=["Normalize"])
                             .Normalize([0.0] * 3, [1.0] * 3), (1, 3, 3), {}),
@@ -101,6 +110,40 @@ CASES = {
         w=torch.ones(1, 1, 3, 3)), (1, 4, 4), {}),
     "addmm-with-an-input-bias": (lambda: Fn(lambda s, x: torch.addmm(x @ s.a, x, s.b),
                                             a=torch.eye(3), b=torch.eye(3)), (3,), {}),
+    # a second review
+    "broadcast-operand-of-a-sort-pair": (lambda: Fn(lambda s, x: torch.cat(
+        [torch.maximum(x[:, :4], x[:, 4:5]), x[:, :0]], 1)), (5,),
+        {"extra": [torch.tensor([[0.0, 0, 0, 0, 0.5]], dtype=torch.float64)]}),
+    "integer-constant-used-as-data": (lambda: Fn(lambda s, x: torch.cat(
+        [torch.maximum(x[:, 0:1], x[:, 1:2]), torch.minimum(
+            x[:, 0:1], torch.cat([x[:, :0], s.k.expand(x.shape[0], 1)], 1))], 1),
+        k=torch.tensor([[2]])), (2,),
+        {"extra": [torch.tensor([[1.0, 0.0]], dtype=torch.float64)]}),
+    "square-rounded-to-bfloat16": (lambda: Fn(lambda s, x: torch.sqrt(
+        torch.ops.aten._to_copy.default(torch.ops.aten._to_copy.default(
+            x ** 2, dtype=torch.bfloat16), dtype=x.dtype).sum(1, keepdim=True))), (1,),
+        {"pairs": [(torch.tensor([[0.90463]], dtype=torch.float64),
+                    torch.tensor([[0.904635]], dtype=torch.float64))]}),
+    "negative-constant-scattered-into-a-square": (lambda: Fn(lambda s, x: torch.sqrt(
+        torch.relu(torch.ops.aten.slice_scatter.default(
+            x ** 2, s.c.expand(x.shape[0], 1), 1, 1, 2).sum(1, keepdim=True))),
+        c=torch.tensor([[-0.99]])), (2,),
+        {"extra": [torch.tensor([[0.99499, 0.3]], dtype=torch.float64)]}),
+    "shift-that-broadcasts-in-a-chain": (lambda: Fn(lambda s, x: (x.unsqueeze(1) + s.c).sum(1),
+                                                    c=torch.zeros(1, 300, 4)), (4,), {}),
+    "integer-fill-in-a-where": (lambda: Fn(lambda s, x: torch.where(s.m, x, s.k).sum(
+        1, keepdim=True), m=torch.arange(100).view(1, 100) < 99,
+        k=-(torch.arange(100).view(1, 100) == 99).long()), (100,), {}),
+    "slice-of-the-batch-in-a-chain": (lambda: Fn(lambda s, x: x[:100] @ s.w.T,
+                                                 w=torch.cat([torch.zeros(64, 200),
+                                                              torch.ones(64, 56)], 1)),
+                                      (256,), {}),
+    "strided-view-against-a-permute": (lambda: Fn(lambda s, x: torch.cat([torch.maximum(
+        torch.as_strided(x[:, :6].view(-1, 2, 3).permute(0, 2, 1).clone(), (x.shape[0], 6),
+                         (6, 1)), x[:, 6:]), torch.minimum(
+        x[:, :6].view(-1, 2, 3).permute(0, 2, 1).reshape(-1, 6), x[:, 6:])], 1)), (12,),
+        {"extra": [torch.tensor([[0.2] * 3 + [0.8] * 3 + [0.5] * 6], dtype=torch.float64)]}),
+    "leaf-parameter-buffer-that-broadcasts": (_hh1_with_a_broadcasting_buffer, (4, 3, 1), {}),
     "export-only-branch": (lambda: Fn(lambda s, x: x if torch.compiler.is_exporting()
                                       else x + 100 * F.relu(x - 0.9999)), (4,),
                            {"extra": [torch.ones(1, 4, dtype=torch.float64)]}),
@@ -117,6 +160,27 @@ def test_the_auditor_is_not_fooled(name):
     assert res.upper is None or res.upper >= lower * (1 - 1e-9), (res.upper, lower)
 
 
+def _soc_subclass_with_a_helper_override():
+    from lipverify.layers.soc import SOC, space_to_depth_checked
+
+    class ScaledSOC(SOC):
+        def _s2d(self, x: torch.Tensor) -> torch.Tensor:
+            return 100.0 * space_to_depth_checked(self, x)
+
+    torch.manual_seed(0)
+    return Fn(lambda s, x: s.soc(x).flatten(1),
+              soc=ScaledSOC(2, 2, bias=False, eval_terms=1, correction=20.0))
+
+
+
+
+def test_a_leaf_subclass_that_changes_a_helper_is_not_a_leaf():
+    model = _soc_subclass_with_a_helper_override().eval()
+    x = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    res = lipschitz_audit(model, x, power_iters=5, ascent_steps=3)
+    assert res.upper is None or res.upper >= res.lower
+
+
 CRASHES = {
     "max-pool-1d": (lambda s, x: F.max_pool1d(x, 3, 1), (8,)),
     "squares-in-a-cat": (lambda s, x: torch.cat([x ** 2, x ** 2], 1).sum(1, keepdim=True)
@@ -126,6 +190,7 @@ CRASHES = {
     "scalar-output": (lambda s, x: x.sum(), (4,)),
     "model-that-only-runs-at-batch-4": (lambda s, x: x.expand(4, 3), (3,)),
     "flat-output": (lambda s, x: 2 * x.view(-1), (3,)),
+    "float-of-a-square": (lambda s, x: torch.sqrt((x ** 2).float().sum(1, keepdim=True)), (4,)),
 }
 
 
