@@ -31,7 +31,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -195,7 +195,6 @@ class Captured:
     input_shape: tuple[int, ...]
     handles: list[int]
     stateful: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -251,7 +250,6 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
     ``probe[:1]``; the caller holds :func:`frozen_parametrizations` and eval mode."""
     wrapper = _Map(model, features)
     x = probe[:1].detach()
-    notes: list[str] = []
     try:
         stateful = stateful_reason(wrapper, model, x)
         # the snapshot: parametrizations evaluated once, before export sees them
@@ -266,7 +264,7 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
     with _as_leaves(model, x, wrapper) as handles:
         state = _state(model)  # what the graph will hold: the state export reads
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _tracing_precision_flags():
                 warnings.simplefilter("ignore")
                 ep = torch.export.export(wrapper, (x,), strict=False)
                 ep = ep.run_decompositions(_decompositions())
@@ -287,7 +285,7 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
         release(handles)
         raise CaptureRefused("the forward mutates buffers or its input in eval mode; audit a "
                              "frozen copy (lipverify export)")
-    cap = Captured(ep, tuple(x.shape[1:]), handles, stateful, notes)
+    cap = Captured(ep, tuple(x.shape[1:]), handles, stateful)
     try:
         # a stateful forward is compared from the state the graph holds (the snapshot)
         _check(cap, wrapper, probe, seed,
@@ -299,6 +297,30 @@ def capture(model: nn.Module, probe: torch.Tensor, *, features: bool = False,
         release(handles)
         raise CaptureRefused(f"the model fails on a probe input ({_one_line(exc)})") from None
     return cap
+
+
+@contextlib.contextmanager
+def _tracing_precision_flags() -> Iterator[None]:
+    """torch.export reads cuDNN's legacy ``allow_tf32`` flag, which raises once the newer
+    ``fp32_precision`` settings were changed (as a user asking for IEEE convolutions does).
+    The flags change no op of the captured graph (tracing computes nothing): while tracing,
+    put cuDNN's conv and RNN settings back to their defaults, then restore them."""
+    cudnn = torch.backends.cudnn
+    parts = [p for p in (getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
+             if p is not None and hasattr(p, "fp32_precision")]
+    try:
+        cudnn.allow_tf32  # noqa: B018 - the read that torch.export does
+        parts = []
+    except RuntimeError:
+        pass
+    saved = [p.fp32_precision for p in parts]
+    for p in parts:
+        p.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        for p, v in zip(parts, saved, strict=True):
+            p.fp32_precision = v
 
 
 def _decompositions() -> dict:
@@ -403,7 +425,7 @@ def snapshot(model: nn.Module, probe: torch.Tensor, *, features: bool = False
             wrapper(x)
             state = _state(model)
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _tracing_precision_flags():
                     warnings.simplefilter("ignore")
                     ep = torch.export.export(
                         wrapper, (probe[:2].detach(),), strict=False,

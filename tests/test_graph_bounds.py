@@ -373,3 +373,18 @@ def test_zero_padded_conv_is_not_bounded_on_the_circular_grid(n):
             gb = bound_graph(cap, layer_upper_bound, exact_max_dim=dim)
             release(cap.handles)
         assert gb.upper >= exact
+
+
+def test_capture_works_under_ieee_cudnn_flags_and_restores_them():
+    """A user asking for IEEE cuDNN convolutions (the new fp32_precision API) makes torch's
+    legacy allow_tf32 read raise; capture must still work and leave the flags as they were."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    cudnn.conv.fp32_precision = "ieee"
+    try:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+        gb, _ = graph_upper(model, (4,))
+        assert gb.upper is not None
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee", saved[1])
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
