@@ -1,34 +1,26 @@
-"""Does a per-layer bound see everything the model runs? Refusals, with their reasons.
+"""What the per-layer routes read: torch's read-through parametrizations and non-finite state.
 
-Per-layer bounds read a layer's weights and type. Code that changes what a layer computes
-without changing either is invisible to them, so the audit refuses to release an upper bound
-when any of these is present (one reason per finding):
+The graph auditor (:mod:`lipverify.audits.capture`, :mod:`lipverify.audits.graph`) sees hooks,
+instance forwards, ``__call__`` overrides, parametrizations and repeated applications as ops
+of the captured graph. What remains here:
 
-* forward hooks and forward pre-hooks, on any module or global (``register_module_forward_*``);
-* an instance-level ``forward`` (``'forward' in m.__dict__``) or ``_call_impl``, or a class
-  whose ``__call__`` is not ``nn.Module.__call__``;
-* parametrizations (``torch.nn.utils.parametrize``), except :data:`READ_PARAMETRIZATIONS` on
-  the ``weight`` of an ``nn.Linear`` or ``nn.Conv2d``: the bound reads ``layer.weight``, which
-  *is* the parametrization's result as forward uses it (tested against exact Jacobians);
-* non-finite parameters or buffers (a NaN weight makes every output NaN);
-* a module applied a different number of times than the composition lists it
-  (:func:`repeated_application`: e.g. a module called in a loop).
+* :func:`torch_type`: the torch class under torch's read-through parametrizations
+  (:data:`READ_PARAMETRIZATIONS` on the ``weight`` of an ``nn.Linear`` or ``nn.Conv2d``),
+  for the per-layer routes that read ``layer.weight``;
+* :func:`non_finite`: non-finite parameters or buffers (a NaN weight makes every output NaN),
+  a refusal with one reason per finding.
 
 Guarantee: none by itself; it only removes cases where a bound would not cover the function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.nn.utils import parametrizations as _param
 from torch.nn.utils import parametrize
 
-__all__ = ["READ_PARAMETRIZATIONS", "unseen_code", "non_finite", "torch_type",
-           "repeated_application"]
+__all__ = ["READ_PARAMETRIZATIONS", "non_finite", "torch_type"]
 
 READ_PARAMETRIZATIONS: tuple[type, ...] = (
     _param._Orthogonal, _param._SpectralNorm, _param._WeightNorm,
@@ -57,36 +49,6 @@ def torch_type(layer: nn.Module) -> type:
     return type(layer).__bases__[0] if _read_parametrized(layer) else type(layer)
 
 
-def _global_hooks() -> list[str]:
-    found = []
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
-        if getattr(_module, name, None):
-            found.append(f"global {name.strip('_').replace('_', ' ')} are registered "
-                         "(torch.nn.modules.module.register_module_forward_*): remove them")
-    return found
-
-
-def unseen_code(model: nn.Module) -> list[str]:
-    """Reasons why per-layer bounds of ``model`` would not cover what it runs (empty: none
-    found). Each names the module (``<root>`` for the model itself) and what to change."""
-    reasons = _global_hooks()
-    for name, m in model.named_modules():
-        where = name or "<root>"
-        if m._forward_hooks or m._forward_pre_hooks:
-            reasons.append(f"{where}: forward hooks change its output; remove them "
-                           "(a hook's effect is not in the layer's bound)")
-        if "forward" in m.__dict__ or "_call_impl" in m.__dict__:
-            reasons.append(f"{where}: an instance-level forward replaces the class's; the "
-                           "bound would read the class's weights only")
-        if type(m).__call__ is not nn.Module.__call__:
-            reasons.append(f"{where}: its class overrides __call__")
-        if parametrize.is_parametrized(m) and not _read_parametrized(m):
-            kinds = sorted({type(p).__name__ for plist in m.parametrizations.values()
-                            for p in plist})
-            reasons.append(f"{where}: parametrized ({', '.join(kinds)}); only "
-                           f"{', '.join(c.__name__ for c in READ_PARAMETRIZATIONS)} on the "
-                           "weight of nn.Linear/nn.Conv2d are read by the bounds")
-    return reasons + non_finite(model)
 
 
 def non_finite(model: nn.Module) -> list[str]:
@@ -114,23 +76,3 @@ def non_finite(model: nn.Module) -> list[str]:
                 reasons.append(f"{name or '<root>'}.weight: the parametrized weight is not "
                                "finite")
     return reasons
-
-
-def repeated_application(
-    units: Sequence[tuple[str, nn.Module]], calls: dict[int, int], modules: Iterable[nn.Module]
-) -> list[str]:
-    """Modules whose number of calls on a probe pass differs from their number of places in
-    the composition ``units`` (both counted per module instance). ``calls`` maps ``id`` to
-    the count of forward calls on one probe pass; ``modules`` are all modules of the map."""
-    listed: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for name, m in units:
-        listed[id(m)] = listed.get(id(m), 0) + 1
-        names.setdefault(id(m), name)
-    out = []
-    for m in {id(m): m for m in modules}.values():
-        want, got = listed.get(id(m)), calls.get(id(m), 0)
-        if want is not None and got != want:
-            out.append(f"{names[id(m)]}: applied {got} time(s) on one pass but the composition "
-                       f"bounds it {want} time(s) (e.g. a module called in a loop); refusing")
-    return out

@@ -957,7 +957,7 @@ class _Interpreter:
         if not bool(torch.isfinite(d).all()) or not bool((d >= 0).all()):
             return None
         st, pd, dl, gr = lin.geom
-        dfull = d.expand(v.shape) if d.dim() else d.expand(v.shape)
+        dfull = d.expand(v.shape)
         root = lin.root
         if max(math.prod(root.shape[1:]), math.prod(v.shape[1:])) <= self.exact_max_dim:
             sq = dfull.sqrt()

@@ -45,14 +45,11 @@ Guarantees (float64 throughout):
     each such bound (at most 10) is released only after the layer's own forward matches that
     operator on a random probe (see :func:`layer_upper_bound`).
 
-* **Whole-model upper bound**: the product of the layer bounds along a composition the audit
-  knows (LipConvNet: normalization x every block's conv and activation x the last layer when
-  the map is the logits; the flatten/reshape between blocks and head is an isometry; nested
-  ``nn.Sequential``: its children, a repeated child once per place). Anything else:
-  ``None``. It is also ``None``, with the reasons in ``refusals``, when code the per-layer
-  bounds do not read changes what runs (:mod:`lipverify.audits.coverage`: hooks, instance
-  forwards, parametrizations, non-finite tensors, a module applied more or less often than
-  the composition lists it). A unit (or the whole map) whose attained lower bound exceeds its
+* **Whole-model upper bound**: composed over the captured graph of the claimed map
+  (:mod:`lipverify.audits.capture`, :mod:`lipverify.audits.graph`): lipverify's own layers are
+  leaves bounded by the routes above, every other op by its rule. It is ``None``, with the
+  reasons in ``refusals``, when the model cannot be captured, an op has no rule, or a
+  parameter is not finite. A unit (or the whole map) whose attained lower bound exceeds its
   upper bound is listed in ``auditor_errors``.
 * **Lower bounds** are attained ratios, each a genuine lower bound by construction:
   per layer, ``||J v|| / ||v||`` of the linear operator (bias excluded: the Jacobian of an
@@ -62,10 +59,11 @@ Guarantees (float64 throughout):
   ``||f(x) - f(x')|| / ||x - x'||`` over pixel pairs in ``[0, 1]``, found by Lanczos on
   ``J^T J`` at data points then a finite difference (``"local_power"``), by gradient ascent on
   the ratio (``"global_ascent"``) and by random nearby pairs (``"random_pairs"``), and all
-  *recomputed in float64* (a float64 copy of the
-  model, whose derived filters are recomputed in float64: they match the float32 ones to about
-  1e-7 relative unless SOC's ``sigma`` is nearly cancelled, in which case the upper bound is
-  huge anyway) and multiplied by ``1 - LOWER_SAFETY``. Never an upper bound.
+  *recomputed in float64* (on the captured graph, its constants as the model computes them;
+  for graphs holding lipverify's layers, on a float64 copy of the model, whose derived filters
+  match the float32 ones to about 1e-7 relative unless SOC's ``sigma`` is nearly cancelled, in
+  which case the upper bound is huge anyway) and multiplied by ``1 - LOWER_SAFETY``. Never an
+  upper bound.
 """
 
 from __future__ import annotations
@@ -672,29 +670,6 @@ def _walk(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     return [(prefix.rstrip(".") or type(module).__name__, module)]
 
 
-def composition(model: nn.Module, map: str) -> tuple[list[tuple[str, nn.Module]], bool]:
-    """``(units, known)``: the layers whose composition is the claimed map, in order, and
-    whether the audit knows that the map is exactly their composition (isometric reshapes
-    aside). When it does not, ``units`` lists the leaf modules for information only."""
-    if _is_lipconvnet(model):
-        return _lipconvnet_units(model, "", map == "logits"), True
-    if map == "logits":
-        units = _walk(model, "")
-        if not (len(units) == 1 and units[0][1] is model and _upper_known_type(model) is False):
-            return units, True
-    leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
-    return leaves, False
-
-
-def _upper_known_type(layer: nn.Module) -> bool:
-    """Whether :func:`layer_upper_bound` has a route for this layer type."""
-    return (
-        catalogue_bound(layer) is not None
-        or _own_forward(layer, (Normalize, LLN, SOC))
-        or torch_type(layer) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
-        or any(_route(layer, a) for a in ("orthogonal_weight", "frequency_matrices"))
-        or (_route(layer, "conv_filter") and getattr(layer, "padding_mode", "") == "circular")
-    )
 
 
 def record_inputs(
