@@ -70,11 +70,15 @@ class Violation:
     adv_pred: int
     logits32: torch.Tensor
     logits64: torch.Tensor
+    #: "real": confirmed in float64 (the real-valued certificate fails); "executed": only
+    #: the float32 model's own forward flips (see ``execution="float32"``)
+    kind: str = "real"
 
     def to_dict(self) -> dict:
         """JSON-ready summary (without the images)."""
         return {"index": self.index, "distance": self.distance, "radius": self.radius,
                 "attack": self.attack, "pred": self.pred, "adv_pred": self.adv_pred,
+                "kind": self.kind,
                 "logits32": self.logits32.tolist(), "logits64": self.logits64.tolist()}
 
 
@@ -91,6 +95,9 @@ class AttackAuditResult:
     seconds: float
     tightness: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     unconfirmed: int = 0
+    #: flips of the float32 model's own forward that float64 does not confirm (only with
+    #: ``executed``)
+    executed_violations: list[Violation] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -103,6 +110,7 @@ class AttackAuditResult:
             "tightness_quantiles": self.tightness_quantiles,
             "sanity_flags": list(self.sanity_flags),
             "unconfirmed": self.unconfirmed,
+            "executed_violations": [v.to_dict() for v in self.executed_violations],
             "settings": self.settings,
             "seconds": self.seconds,
         }
@@ -140,8 +148,9 @@ class _Recorder:
     """Float64 re-check of candidates; keeps per sample the smallest adversarial distance and
     the smallest confirmed violation."""
 
-    def __init__(self, model, model64, x, pred, radius, tolerance):
-        self.model, self.model64 = model, model64
+    def __init__(self, model, model64, x, pred, radius, tolerance, executed=None):
+        self.model, self.model64, self.executed = model, model64, executed
+        self.executed_violations: dict[int, Violation] = {}
         self.recheck_dtype = (torch.float64 if model64 is not model else
                               next((p.dtype for p in model.parameters()), x.dtype))
         self.x, self.pred = x, pred
@@ -174,6 +183,9 @@ class _Recorder:
             self.min_dist[i] = min(float(self.min_dist[i]), float(dist[j]))
         below = dist < self.bound[rows]
         self.unconfirmed += int((found32[keep] & ~confirmed & below).sum())
+        if self.executed is not None:
+            self._check_executed(rows, keep, xa, x0, dist, ~adv64 & inbox & below, logits64,
+                                 source)
         viol = (confirmed & below).nonzero()[:, 0].tolist()
         if not viol:
             return
@@ -192,6 +204,30 @@ class _Recorder:
             )
 
 
+    def _check_executed(self, rows, keep, xa, x0, dist, open_, logits64, source) -> None:  # noqa: ANN001
+        """Candidates that float64 does not confirm, re-run through the float32 model's own
+        forward (``executed``): a flip there is an executed violation."""
+        idx = open_.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return
+        logits32 = self.executed(xa[idx.to(xa.device)])
+        flips = (logits32.argmax(1).cpu() != self.pred[rows[idx]].cpu())
+        for n, j in enumerate(idx.tolist()):
+            if not flips[n]:
+                continue
+            i = int(rows[j])
+            old = self.executed_violations.get(i)
+            if old is not None and old.distance <= float(dist[j]):
+                continue
+            self.executed_violations[i] = Violation(
+                index=i, x=x0[j].detach().float().cpu(), x_adv=xa[j].float().cpu(),
+                distance=float(dist[j]), radius=float(self.radius[i]),
+                attack=source[int(keep[j])] or "unknown", pred=int(self.pred[i]),
+                adv_pred=int(logits32[n].argmax()), logits32=logits32[n].detach().float().cpu(),
+                logits64=logits64[j].detach().cpu(), kind="executed",
+            )
+
+
 def attack_audit(
     model: nn.Module,
     x: torch.Tensor,
@@ -204,6 +240,8 @@ def attack_audit(
     batch_size: int = 128,
     group_ratio: float = 1.05,
     progress: Callable[[str, int, int], None] | None = None,
+    executed: nn.Module | None = None,
+    rounding_budget: int | None = None,
 ) -> AttackAuditResult:
     """Attack every certified sample at its certified radius; see the module docstring.
 
@@ -211,6 +249,10 @@ def attack_audit(
     not attacked). ``suite``: a name in :data:`lipverify.attacks.SUITES` or a sequence of
     :class:`~lipverify.attacks.AttackSpec`. ``progress(attack, done, total)`` is called after
     each batch. The model is attacked in eval mode (its modes are restored afterwards).
+    ``executed``: the float32 model with its own eval forward (not ``fast_eval``): candidates
+    that float64 does not confirm are re-run through it, and a rounding search
+    (:func:`lipverify.attacks.rounding.rounding_search`, ``rounding_budget`` evaluations per
+    point) looks for flips that only rounding causes; both give ``executed_violations``.
     Guarantee: violations are float64-confirmed counterexamples; none found proves nothing.
     """
     start = time.perf_counter()
@@ -236,7 +278,7 @@ def attack_audit(
             model64, recheck = model, f"the model's own dtype ({why})"
         flags = sanity_flags(model, x[:batch_size], seed=seed)
 
-        rec = _Recorder(model, model64, x, pred, radius, float(tolerance))
+        rec = _Recorder(model, model64, x, pred, radius, float(tolerance), executed)
         certified = (radius > 0).nonzero()[:, 0]
         certified = certified[torch.argsort(radius[certified], stable=True)]
         # Attack eps: below each bound by the rounding slack of storing x + delta, so that
@@ -260,6 +302,15 @@ def attack_audit(
                 rec.check(b, res.x_adv, res.success, res.source)
                 if progress is not None:
                     progress(spec.name, done, len(batches))
+        if executed is not None:
+            from lipverify.attacks.rounding import ROUNDING_BUDGET, rounding_search
+
+            budget = ROUNDING_BUDGET if rounding_budget is None else int(rounding_budget)
+            for b in batches:
+                bd = b.to(device)
+                xa, hit = rounding_search(executed, x[bd], pred[b], eps[b], budget=budget,
+                                          seed=seed)
+                rec.check(b, xa, hit, ["rounding"] * b.numel())
 
     attacked = radius > 0
     tight = torch.full((n,), math.nan, dtype=torch.float64)
@@ -276,6 +327,7 @@ def attack_audit(
         "num_classes": k,
         "target": "model prediction",
         "recheck": recheck,
+        "execution": "float32" if executed is not None else "real",
         "sanity_mode": "eval",
         "libraries": _versions(),
     }
@@ -291,4 +343,5 @@ def attack_audit(
         seconds=time.perf_counter() - start,
         tightness=tight,
         unconfirmed=rec.unconfirmed,
+        executed_violations=[rec.executed_violations[i] for i in sorted(rec.executed_violations)],
     )

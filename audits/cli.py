@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; "
                    "under torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--execution", choices=("real", "float32"), default="real",
+                   help="real (default): audit the real-valued certificates; float32: also "
+                   "the model as executed in float32 on the CPU (executed radii, a rounding "
+                   "search, executed_verdict)")
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Any, str, dict, str | None]:
@@ -279,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         report = audit(model, x, y, lipschitz=args.lipschitz, attacks=args.attacks,
                        checks=checks, tolerance=args.tolerance, seed=args.seed,
                        state_dir=out / ".state", progress=progress, provenance=prov,
-                       lipschitz_points=args.lipschitz_points)
+                       lipschitz_points=args.lipschitz_points, execution=args.execution)
     except LipverifyError:
         if fresh and not any(out.iterdir()):  # refused before any work: leave no empty dir
             out.rmdir()
@@ -324,7 +328,8 @@ def _run_sharded(args: argparse.Namespace, checks: tuple[str, ...], world: Any,
         report = distributed.audit_sharded(
             model, x, y, state_dir=out / ".state", world=world, progress=progress,
             provenance=prov, lipschitz=args.lipschitz, attacks=args.attacks, checks=checks,
-            tolerance=args.tolerance, seed=args.seed, lipschitz_points=args.lipschitz_points)
+            tolerance=args.tolerance, seed=args.seed, lipschitz_points=args.lipschitz_points,
+            execution=args.execution)
     except LipverifyError:
         if world.main and fresh and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -1,9 +1,16 @@
 """``lipverify replay DIR``: re-run every saved violation through the model.
 
-Guarantee: a violation "holds" only if, recomputed now in float32 *and* float64, the saved
-``x_adv`` lies strictly within ``radius * (1 - tolerance)`` of ``x``, inside [0, 1], and the
-model's argmax at ``x_adv`` differs from the certified prediction.
-Exit codes: 0 every saved violation holds, 3 some no longer hold, 2 bad input.
+Guarantee: a violation "holds" only if the saved ``x_adv`` lies strictly within
+``radius * (1 - tolerance)`` of ``x``, inside [0, 1], and the model's argmax at ``x_adv``
+differs from the certified prediction, recomputed now: in float32 *and* float64 for a
+``real`` violation, in float32 (the model's own forward, on the CPU) for an ``executed`` one.
+
+An executed violation depends on rounding, so on the machine: one that does not hold is
+"not reproducible here" when this machine differs from the audit's in what the float32 result
+can depend on (platform, torch, thread count, oneDNN and precision flags, flush-to-zero; the
+report records them), and "refuted" otherwise. A real violation that does not hold is refuted.
+Exit codes: 0 every saved violation holds, 3 some are refuted, 5 none is refuted but some
+are not reproducible here, 2 bad input.
 """
 
 from __future__ import annotations
@@ -21,9 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="model to replay against (default: the audited one)")
 
 
-def replay(model, directory: str | Path, tolerance: float) -> list[dict]:  # noqa: ANN001
-    """Re-check each ``violations/NNNN.pt``; return one row per violation."""
+def replay(model, directory: str | Path, tolerance: float,  # noqa: ANN001
+           recorded_environment: dict | None = None) -> list[dict]:
+    """Re-check each ``violations/NNNN.pt``; return one row per violation, with ``status``
+    ``holds``, ``refuted`` or ``not reproducible here`` (see the module docstring)."""
     import torch
+
+    from lipverify.execution import environment
+
+    here = environment()
+    differs = sorted(k for k, v in (recorded_environment or {}).items() if here.get(k) != v)
 
     from lipverify.checkpoints import safe_torch_load
 
@@ -54,10 +68,18 @@ def replay(model, directory: str | Path, tolerance: float) -> list[dict]:  # noq
         dist = float((xa.double() - x.double()).norm())
         inside = dist < radius * (1 - tolerance)
         in_box = bool((xa >= 0).all() and (xa <= 1).all())
-        holds = inside and in_box and p32 != pred and p64 != pred
-        rows.append({"file": f.name, "index": index, "distance": dist,
-                     "radius": radius, "pred": pred,
-                     "adv_pred_float32": p32, "adv_pred_float64": p64, "holds": holds})
+        kind = str(v.get("kind", "real"))
+        if kind == "executed":
+            holds = inside and in_box and p32 != pred
+        else:
+            holds = inside and in_box and p32 != pred and p64 != pred
+        status = "holds" if holds else "refuted"
+        if not holds and kind == "executed" and inside and in_box and differs:
+            status = "not reproducible here"
+        rows.append({"file": f.name, "index": index, "kind": kind, "distance": dist,
+                     "radius": radius, "pred": pred, "adv_pred_float32": p32,
+                     "adv_pred_float64": p64, "holds": holds, "status": status,
+                     "environment_differs": differs if kind == "executed" else []})
     return rows
 
 
@@ -71,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         report = json.loads((d / "report.json").read_text())
         source = report["provenance"]["model_source"]
         tolerance = float(report["tolerance"])
+        recorded = (report.get("execution") or {}).get("environment")
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{d / 'report.json'} is corrupt or not a lipverify report") from None
     if args.checkpoint:
@@ -83,15 +106,26 @@ def run(args: argparse.Namespace) -> int:
         model = load_default_model()
     else:
         raise InputError("the audited model was built by a factory; pass --checkpoint")
-    rows = replay(model, d, tolerance)
+    rows = replay(model, d, tolerance, recorded)
     if not rows:
         print("no saved violations to replay")
         return 0
+    from lipverify.execution import environment
+
     for r in rows:
-        state = "HOLDS" if r["holds"] else "does NOT hold"
-        print(f"{r['file']}: index {r['index']} distance {r['distance']:.6g} < radius "
-              f"{r['radius']:.6g}; pred {r['pred']} -> {r['adv_pred_float32']} (float32), "
-              f"{r['adv_pred_float64']} (float64): {state}")
+        state = {"holds": "HOLDS", "refuted": "REFUTED"}.get(r["status"], r["status"].upper())
+        extra = (f" (differs here: {', '.join(r['environment_differs'])})"
+                 if r["status"] == "not reproducible here" else "")
+        print(f"{r['file']}: {r['kind']} violation, index {r['index']} distance "
+              f"{r['distance']:.6g} < radius {r['radius']:.6g}; pred {r['pred']} -> "
+              f"{r['adv_pred_float32']} (float32), {r['adv_pred_float64']} (float64): "
+              f"{state}{extra}")
+    env = environment()
+    print(f"replayed on {env['platform']}, torch {env['torch']}, {env['threads']} thread(s)")
     held = sum(r["holds"] for r in rows)
-    print(f"{held}/{len(rows)} violations hold")
-    return 0 if held == len(rows) else 3
+    refuted = sum(r["status"] == "refuted" for r in rows)
+    print(f"{held}/{len(rows)} violations hold, {refuted} refuted, "
+          f"{len(rows) - held - refuted} not reproducible here")
+    if refuted:
+        return 3
+    return 0 if held == len(rows) else 5

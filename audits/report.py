@@ -55,6 +55,8 @@ class AuditReport:
     warnings: list[str] = field(default_factory=list)
     violation_tensors: list[dict] = field(default_factory=list, repr=False)
     certificate_violations: list[dict] = field(default_factory=list)
+    #: ``--execution float32``: the executed verdict and what it rests on (else None)
+    execution: dict | None = None
 
     @property
     def exit_code(self) -> int:
@@ -73,6 +75,8 @@ class AuditReport:
             "certified_accuracy": self.certified_accuracy,
             "violations": self.violations,
             "certificate_violations": self.certificate_violations,
+            "executed_verdict": (self.execution or {}).get("executed_verdict"),
+            "execution": self.execution,
             "gnp": self.gnp,
             "attacks": self.attacks,
             "warnings": self.warnings,
@@ -109,6 +113,15 @@ class AuditReport:
         if ca.get("promise"):
             lines.append(f"  ({ca['promise']})")
         lines.append(f"violations: {len(self.violations)}")
+        if self.execution:
+            ex = self.execution
+            lines.append(f"executed ({ex['execution']}) verdict: "
+                         f"{ex['executed_verdict'].upper()}")
+            lines += [f"  - {r}" for r in ex["reasons"]]
+            if ex.get("price_median") is not None:
+                lines.append(f"  price of rounding (r - r_exec)/r: median "
+                             f"{ex['price_median']:.3g}, max {ex['price_max']:.3g}; delta "
+                             f"median {ex['delta_median']:.3g}")
         if self.certificate_violations:
             lines.append(f"certifier radii beyond the guaranteed bound: "
                          f"{len(self.certificate_violations)}")
@@ -182,11 +195,25 @@ class AuditReport:
                 md += ["tightness (certified radius / smallest adversarial distance): "
                        + ", ".join(f"{k} = {_fmt(v)}" for k, v in q.items()), ""]
         if self.violations:
-            md += ["## Violations", "", "| # | index | attack | distance | radius |",
-                   "|---|---|---|---|---|"]
-            md += [f"| {i} | {v['index']} | {v['attack']} | {_fmt(v['distance'])} | "
-                   f"{_fmt(v['radius'])} |" for i, v in enumerate(self.violations)]
+            md += ["## Violations", "", "| # | index | kind | attack | distance | radius |",
+                   "|---|---|---|---|---|---|"]
+            md += [f"| {i} | {v['index']} | {v.get('kind', 'real')} | {v['attack']} | "
+                   f"{_fmt(v['distance'])} | {_fmt(v['radius'])} |"
+                   for i, v in enumerate(self.violations)]
             md.append("")
+        if self.execution:
+            ex = self.execution
+            md += [f"## Execution in {ex['execution']}", "",
+                   f"executed verdict: **{ex['executed_verdict'].upper()}**", "",
+                   *[f"- {r}" for r in ex["reasons"]], ""]
+            if ex.get("price_median") is not None:
+                md += [f"price of rounding (r - r_exec) / r: median {_fmt(ex['price_median'])}, "
+                       f"max {_fmt(ex['price_max'])}; margin error bound delta: median "
+                       f"{_fmt(ex['delta_median'])}, max {_fmt(ex['delta_max'])}", "",
+                       "dominant ops: " + ", ".join(
+                           f"{o['op']} ({_fmt(o['median_share'])})"
+                           for o in ex.get("dominant_ops") or []), ""]
+            md += ["assumptions: " + "; ".join(ex.get("assumptions", [])), ""]
         if self.warnings:
             md += ["## Warnings", "", *[f"- {w}" for w in self.warnings], ""]
         for name, fname in (plots or {}).items():

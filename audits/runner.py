@@ -44,9 +44,15 @@ from torch import nn
 
 from lipverify.atomic import atomic_write_bytes, atomic_write_text
 from lipverify.audits.report import AuditReport
-from lipverify.audits.verdict import certifier_violations, decide, vouched_accuracy
+from lipverify.audits.verdict import (
+    certifier_violations,
+    decide,
+    decide_executed,
+    vouched_accuracy,
+)
 from lipverify.certificates import (
     DEFAULT_RADII,
+    EXECUTIONS,
     Certificates,
     certificate_kind_of,
     certify,
@@ -190,6 +196,13 @@ class AuditPlan:
     attack_radius: torch.Tensor  # the radius attacked: 0 where not finite (cpu)
     accuracy: dict
     fingerprint: str
+    execution: str = "real"
+    #: float32 execution: the model's own eval forward (a copy, outside fast_eval), its
+    #: certificates (``radius`` = r̂), or the reason there are none
+    executed_model: nn.Module | None = None
+    executed_cert: Certificates | None = None
+    executed_refusal: str | None = None
+    executed_ops: list = field(default_factory=list)  # each op's median share of delta
     t_start: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
 
@@ -233,6 +246,7 @@ def plan_audit(
     radii: Sequence[float] = DEFAULT_RADII,
     lipschitz_points: int = 8,
     progress: Callable[[str], None] | None = None,
+    execution: str = "real",
 ) -> AuditPlan:
     """Validate the audit's inputs and certify every point: the plan the other stages use.
 
@@ -245,6 +259,8 @@ def plan_audit(
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise InputError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
     check_seed(seed)
+    if execution not in EXECUTIONS:
+        raise InputError(f"execution must be one of {list(EXECUTIONS)}, got {execution!r}")
     if lipschitz is not None:
         try:
             lipschitz = float(lipschitz)
@@ -283,6 +299,16 @@ def plan_audit(
     finite = torch.isfinite(cert.logits).all(1).cpu() & torch.isfinite(cert.radius).cpu()
     attack_radius = torch.where(finite, cert.radius.cpu(), torch.zeros_like(cert.radius.cpu()))
     acc = vouched_accuracy(cert, y, radii, tolerance)
+    executed_model = executed_cert = executed_refusal = None
+    if execution == "float32":
+        executed_model, executed_cert, executed_refusal = _executed(model, x, lipschitz,
+                                                                    claim, certifier, cert)
+        if executed_cert is not None:
+            from lipverify.execution import execution_bound
+
+            few = slice(0, min(lipschitz_points, x.shape[0]))
+            executed_ops = execution_bound(executed_model, x[few],
+                                           cert.radius[few].double()).dominant(5)
 
     fingerprint = json.dumps({
         "x": _tensor_sha(x), "y": None if y is None else _tensor_sha(y),
@@ -291,7 +317,7 @@ def plan_audit(
         )).hexdigest(),
         "attacks": attacks, "checks": list(checks), "tolerance": tolerance, "seed": seed,
         "claim": claim, "radius": _tensor_sha(cert.radius),
-        "lipschitz_points": lipschitz_points,
+        "lipschitz_points": lipschitz_points, "execution": execution,
     }, sort_keys=True)
     tracker.stage_end("certify")
     plan = AuditPlan(
@@ -299,9 +325,35 @@ def plan_audit(
         certifier=certifier, attacks=attacks, checks=tuple(checks), tolerance=tolerance,
         seed=seed, radii=tuple(radii), lipschitz_points=lipschitz_points, finite=finite,
         attack_radius=attack_radius, accuracy=acc, fingerprint=fingerprint, t_start=t_start,
+        execution=execution, executed_model=executed_model, executed_cert=executed_cert,
+        executed_refusal=executed_refusal,
+        executed_ops=executed_ops if executed_cert is not None else [],
     )
     plan.timings["certify_seconds"] = round(time.time() - t_start, 3)
     return plan
+
+
+def _executed(model: nn.Module, x: torch.Tensor, lipschitz: float | None, claim: float | None,
+              certifier: Callable | None, cert: Certificates
+              ) -> tuple[nn.Module, Certificates | None, str | None]:
+    """The float32 model's own forward (a deep copy, kept out of ``fast_eval``), and its
+    certificates, or the reason there are none."""
+    import copy
+
+    from lipverify.execution import ExecutionRefused
+
+    executed = copy.deepcopy(model).eval()
+    if claim is None:
+        return executed, None, "no Lipschitz bound is claimed, so no executed radius"
+    if certifier is not None:
+        return executed, None, "a custom certifier's radii have no float32 execution bound"
+    try:
+        ecert = certify(executed, x, lipschitz, execution="float32")
+    except ExecutionRefused as exc:
+        return executed, None, str(exc)
+    if not torch.equal(ecert.pred.cpu(), cert.pred.cpu()):  # pragma: no cover - same forward
+        return executed, None, "the executed predictions differ from the certified ones"
+    return executed, ecert, None
 
 
 # -- stages 2 and 3: Lipschitz bounds and GNP --------------------------------------------------
@@ -359,6 +411,7 @@ def _violation_record(v: Any, index_offset: int) -> tuple[dict, dict]:
         "radius": float(v.radius),
         "pred": int(v.pred),
         "adv_pred": int(v.adv_pred),
+        "kind": str(getattr(v, "kind", "real")),
         "logits_float32": [float(t) for t in torch.as_tensor(v.logits32).flatten()],
         "logits_float64": [float(t) for t in torch.as_tensor(v.logits64).flatten()],
     }
@@ -398,8 +451,9 @@ def compute_chunk(plan: AuditPlan, c: int) -> dict:
     sl = plan.chunk_slice(c)
     res = attack_audit(plan.model, plan.x[sl], plan.cert.pred[sl], plan.attack_radius[sl],
                        suite=plan.attacks, tolerance=plan.tolerance,
-                       seed=plan.seed * 100_003 + c)
-    rows = [_violation_record(v, sl.start) for v in res.violations]
+                       seed=plan.seed * 100_003 + c, executed=plan.executed_model)
+    rows = [_violation_record(v, sl.start) for v in res.violations + res.executed_violations]
+    res.settings["unconfirmed"] = res.unconfirmed
     return {
         "rows": json.dumps([r for r, _ in rows]),
         "tensors": [t for _, t in rows],
@@ -437,6 +491,8 @@ class AttackResult:
     min_adv: torch.Tensor
     n_attacked: int
     sanity: list[str]
+    executed: list[dict] = field(default_factory=list)  # kind "executed" (float32 only)
+    unconfirmed: int = 0  # float32-only flips of the attacks' own forward, not confirmed
 
 
 def merge_attacks(plan: AuditPlan, chunks: Sequence[dict], materialized: Any = None
@@ -449,7 +505,7 @@ def merge_attacks(plan: AuditPlan, chunks: Sequence[dict], materialized: Any = N
     violations: list[dict] = []
     tensors: list[dict] = []
     sanity: list[str] = []
-    n_attacked = 0
+    n_attacked = unconfirmed = 0
     settings: dict = {}
     for c, chunk in enumerate(chunks):
         violations += json.loads(chunk["rows"])
@@ -458,6 +514,12 @@ def merge_attacks(plan: AuditPlan, chunks: Sequence[dict], materialized: Any = N
         n_attacked += int(chunk["attacked"].sum())
         sanity += [f for f in json.loads(chunk["sanity"]) if f not in sanity]
         settings = json.loads(chunk["settings"])
+        unconfirmed += int(settings.pop("unconfirmed", 0))
+    executed = [v for v in violations if v.get("kind") == "executed"]
+    violations = [v for v in violations if v.get("kind", "real") == "real"]
+    # the report lists real violations first, then executed ones: the records follow suit
+    tensors = ([t for t in tensors if t.get("kind", "real") == "real"]
+               + [t for t in tensors if t.get("kind") == "executed"])
     settings["seed"] = plan.seed
     settings["chunk_seeds"] = f"seed * 100003 + chunk index (chunks of {ATTACK_CHUNK})"
     if materialized is not None:
@@ -472,8 +534,10 @@ def merge_attacks(plan: AuditPlan, chunks: Sequence[dict], materialized: Any = N
         "sanity_flags": sanity,
         "tightness_quantiles": _quantiles(tight),
         "n_with_adversarial": int(found.sum()),
+        "unconfirmed_float32": unconfirmed,
     }
-    return AttackResult(summary, violations, tensors, min_adv, n_attacked, sanity)
+    return AttackResult(summary, violations, tensors, min_adv, n_attacked, sanity, executed,
+                        unconfirmed)
 
 
 def _quantiles(t: torch.Tensor) -> dict[str, float]:
@@ -530,6 +594,12 @@ def assemble_report(
     )
     if gnp and any(not layer.get("gnp", True) for layer in gnp.get("layers", [])):
         warnings.append("some layers are not gradient-norm preserving (see gnp)")
+    if attacks is not None and attacks.unconfirmed and plan.execution == "real":
+        warnings.append(
+            f"attacks: {attacks.unconfirmed} float32 flip(s) inside certified radii that "
+            "float64 does not confirm: the real-valued certificates stand, but the float32 "
+            "model may not keep them; audit it with --execution float32")
+    execution = _execution_section(plan, verdict, attacks) if plan.execution != "real" else None
 
     y = plan.y
     samples = [
@@ -538,6 +608,10 @@ def assemble_report(
          "min_adv_distance": float(attacks.min_adv[i]) if attacks is not None else None}
         for i in range(plan.n_points)
     ]
+    if plan.executed_cert is not None:
+        for i, row in enumerate(samples):
+            row["radius_executed"] = float(plan.executed_cert.radius[i])
+            row["delta"] = float(plan.executed_cert.delta[i].max())
     prov = {
         "seed": plan.seed,
         "tolerance": tolerance,
@@ -558,13 +632,45 @@ def assemble_report(
         **(provenance or {}),
     }
     return AuditReport(
-        verdict=verdict, reasons=reasons, violations=attacks.violations if attacks else [],
+        execution=execution, verdict=verdict, reasons=reasons,
+        violations=(attacks.violations + attacks.executed) if attacks else [],
         lipschitz_claim=claim, certificate_violations=cert_violations,
         lipschitz_lower=lower, lipschitz_upper=upper, layers=layers,
         certified_accuracy=plan.accuracy, provenance=prov, tolerance=tolerance, gnp=gnp,
         attacks=attack_dict, samples=samples, warnings=warnings,
         violation_tensors=attacks.tensors if attacks else [],
     )
+
+
+def _execution_section(plan: AuditPlan, verdict: str, attacks: AttackResult | None) -> dict:
+    """The report's ``execution`` section: the executed verdict and what it rests on."""
+    from lipverify.execution import ASSUMPTIONS, environment
+
+    ecert = plan.executed_cert
+    real = attacks.violations if attacks is not None else []
+    executed = attacks.executed if attacks is not None else []
+    r_hat = ecert.radius.cpu().double() if ecert is not None else None
+    ev, reasons = decide_executed(
+        verdict=verdict, tolerance=plan.tolerance, radius=plan.cert.radius.cpu().double(),
+        radius_executed=r_hat, refusal=plan.executed_refusal, real_violations=real,
+        executed_violations=executed)
+    out: dict = {"execution": plan.execution, "executed_verdict": ev, "reasons": reasons,
+                 "refusal": plan.executed_refusal, "n_executed_violations": len(executed),
+                 "assumptions": list(ASSUMPTIONS), "environment": environment()}
+    if ecert is not None:
+        r = plan.cert.radius.cpu().double()
+        ok = r > 0
+        price = ((r - r_hat) / r)[ok]
+        delta = ecert.delta.max(1).values.cpu()
+        out.update({
+            "price_median": float(price.median()) if price.numel() else None,
+            "price_max": float(price.max()) if price.numel() else None,
+            "delta_median": float(delta.median()),
+            "delta_max": float(delta.max()),
+            "n_executed_radius_positive": int((r_hat > 0).sum()),
+            "dominant_ops": plan.executed_ops,
+        })
+    return out
 
 
 # -- the whole audit in one process ------------------------------------------------------------
@@ -584,19 +690,23 @@ def audit(
     progress: Callable[[str], None] | None = None,
     provenance: dict | None = None,
     lipschitz_points: int = 8,
+    execution: str = "real",
 ) -> AuditReport:
     """Audit ``model``'s certificates on pixels ``x`` (labels ``y`` optional).
 
     ``lipschitz`` overrides (or, for a generic module, declares) the claimed bound of the logit
     map; ``certifier`` is a callable ``x -> (pred, radius)`` used instead of the Lipschitz
     formula (its radii are then audited by attacks only, unless a bound is also given).
-    ``progress`` receives one message per stage and chunk (a :class:`Progress` also gets the
-    structured events); ``state_dir`` keeps each stage's results for a resumed audit.
+    ``execution="float32"`` also audits the model as executed in float32 on the CPU (the
+    report's ``execution`` section: ``executed_verdict``, executed radii, executed
+    violations). ``progress`` receives one message per stage and chunk (a :class:`Progress`
+    also gets the structured events); ``state_dir`` keeps each stage's results for a resumed audit.
     """
     tracker = _as_progress(progress)
     plan = plan_audit(model, x, y, lipschitz=lipschitz, certifier=certifier, attacks=attacks,
                       checks=checks, tolerance=tolerance, seed=seed, radii=radii,
-                      lipschitz_points=lipschitz_points, progress=tracker)
+                      lipschitz_points=lipschitz_points, progress=tracker,
+                      execution=execution)
     state = AuditState(Path(state_dir) if state_dir is not None else None, plan.fingerprint)
     lip = lipschitz_stage(plan, state, tracker) if "lipschitz" in plan.checks else None
     gnp = gnp_stage(plan, state, tracker) if "gnp" in plan.checks else None

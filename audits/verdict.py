@@ -26,7 +26,7 @@ from torch import nn
 
 from lipverify.certificates import Certificates, certified_accuracy, radii_from_logits
 
-__all__ = ["decide", "certifier_violations", "vouched_accuracy"]
+__all__ = ["decide", "decide_executed", "certifier_violations", "vouched_accuracy"]
 
 
 def vouched_accuracy(
@@ -145,3 +145,59 @@ def decide(
     if "attacks" in checks:
         reasons.append(f"attacks: no violation on {n_attacked} certified point(s)")
     return "sound", reasons
+
+
+def decide_executed(
+    *,
+    verdict: str,
+    tolerance: float,
+    radius: torch.Tensor,
+    radius_executed: torch.Tensor | None,
+    refusal: str | None,
+    real_violations: Sequence[dict],
+    executed_violations: Sequence[dict],
+) -> tuple[str, list[str]]:
+    """``(executed_verdict, reasons)``: do the plain certificates hold for the float32 model?
+
+    * **unsound**: a flip of the float32 model's own forward inside ``radius * (1 - τ)``
+      (an executed violation, or a real one that float32 also shows);
+    * **sound**: the real verdict is sound and the executed radius ``r̂`` (float32 rounding
+      bounded) is at least ``r (1 - τ)`` at every certified point, so the float32 model keeps
+      its prediction within ``r (1 - τ) / (1 + τ)``;
+    * **inconclusive** otherwise. A flip inside ``r̂`` is an auditor error (the rounding bound
+      is wrong); its reason starts ``auditor error:``.
+    """
+    reasons: list[str] = []
+    errors = []
+    if radius_executed is not None:
+        for v in executed_violations:
+            r_hat = float(radius_executed[v["index"]])
+            if v["distance"] < r_hat:
+                errors.append(f"auditor error: a float32 flip at point {v['index']} lies at "
+                              f"{v['distance']:.6g}, inside the executed radius {r_hat:.6g}")
+    flipped_real = [v for v in real_violations if v.get("logits_float32") and int(
+        torch.tensor(v["logits_float32"]).argmax()) != v["pred"]]
+    if executed_violations or flipped_real:
+        if executed_violations:
+            reasons.append(f"{len(executed_violations)} executed violation(s): the float32 "
+                           "model flips inside certified radii where the real-valued one "
+                           "does not")
+        if flipped_real:
+            reasons.append(f"{len(flipped_real)} real violation(s) that float32 also shows")
+        return "unsound", reasons + errors
+    if errors:
+        return "inconclusive", errors
+    if refusal is not None:
+        return "inconclusive", [f"no float32 rounding bound: {refusal}"]
+    if verdict != "sound":
+        return "inconclusive", [f"the real-valued certificates are {verdict}, so the float32 "
+                                "ones are not vouched for"]
+    certified = radius > 0
+    short = certified & (radius_executed < radius * (1 - tolerance))
+    if int(short.sum()):
+        return "inconclusive", [
+            f"rounding could flip predictions between the executed radius and r (1 - "
+            f"{tolerance:g}) at {int(short.sum())} of {int(certified.sum())} certified "
+            "point(s); none was found; use the executed radii (certify --execution float32)"]
+    return "sound", [f"executed radii >= r (1 - {tolerance:g}) at all {int(certified.sum())} "
+                     "certified point(s)"]

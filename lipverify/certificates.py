@@ -35,7 +35,7 @@ from lipverify.errors import InputError, check_labels, check_model_images, check
 
 __all__ = [
     "Certificates", "certify", "certified_accuracy", "radii_from_logits", "claim_of",
-    "certificate_kind_of", "CERTIFICATE_MAPS",
+    "certificate_kind_of", "CERTIFICATE_MAPS", "EXECUTIONS",
 ]
 
 
@@ -46,6 +46,12 @@ class Certificates:
     pred: torch.Tensor
     radius: torch.Tensor
     logits: torch.Tensor
+    #: "real" (the real-valued function of the weights) or "float32" (the model as executed)
+    execution: str = "real"
+    #: float32 execution only: the margin error bound per class (0 at ``pred``) and the
+    #: real-valued radii the executed ones were derived from
+    delta: torch.Tensor | None = None
+    plain_radius: torch.Tensor | None = None
 
 
 CERTIFICATE_MAPS = {"ortho": "logits", "lln": "features"}
@@ -137,11 +143,19 @@ def certify(
     x: torch.Tensor,
     lipschitz: float | None = None,
     batch_size: int = 256,
+    execution: str = "real",
 ) -> Certificates:
     """Predictions and certified l2 radii around them, using the model's claim (or ``lipschitz``).
 
+    ``execution="real"`` (default): radii for the real-valued function of the weights (what a
+    Lipschitz claim covers). ``execution="float32"``: radii that also hold for the model as
+    executed in float32 on the CPU, ``(m̂ - 2 delta) / (sqrt(2) L)`` with ``delta`` the
+    rounding-error bound of :mod:`lipverify.execution` (raises
+    :class:`~lipverify.execution.ExecutionRefused` with the reason when none exists).
     The model is evaluated in eval mode; its previous mode is restored afterwards.
     """
+    if execution not in EXECUTIONS:
+        raise InputError(f"execution must be one of {list(EXECUTIONS)}, got {execution!r}")
     lip, kind = claim_of(model, lipschitz)
     check_model_images(model, x)
     was_training = model.training
@@ -150,9 +164,32 @@ def certify(
         logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
         weight = _lln_weight(model) if kind == "lln" else None
         radius = radii_from_logits(logits, lip, kind, weight).clamp_min(0.0)
+        if execution == "float32":
+            return _executed(model, x, lip, kind, radius, batch_size)
     finally:
         model.train(was_training)
     return Certificates(pred=logits.argmax(1), radius=radius, logits=logits)
+
+
+EXECUTIONS = ("real", "float32")
+
+
+def _executed(model: nn.Module, x: torch.Tensor, lip: float, kind: str, plain: torch.Tensor,
+              batch_size: int) -> Certificates:
+    """Certificates of the float32 model (see :func:`certify`)."""
+    from lipverify.execution import executed_radii, execution_bound
+
+    logits, deltas, radii = [], [], []
+    for i in range(0, x.shape[0], batch_size):
+        rho = plain[i : i + batch_size].double()
+        b = execution_bound(model, x[i : i + batch_size], rho)
+        logits.append(b.logits)
+        deltas.append(b.delta)
+        radii.append(executed_radii(b, lip, kind, rho))
+    logits_t = torch.cat(logits)
+    return Certificates(pred=logits_t.argmax(1), radius=torch.cat(radii).to(plain.dtype),
+                        logits=logits_t, execution="float32", delta=torch.cat(deltas),
+                        plain_radius=plain)
 
 
 DEFAULT_RADII = (36 / 255, 72 / 255, 108 / 255)

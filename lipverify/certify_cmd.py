@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--num-points (torchrun takes --n for its own options)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (atomic)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--execution", choices=("real", "float32"), default="real",
+                        help="real (default): radii of the real-valued function of the "
+                        "weights; float32: radii that also hold for the model as executed in "
+                        "float32 on the CPU (rounding bounded)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; under "
                                          "torchrun each rank uses cuda:LOCAL_RANK)")
     parser.add_argument("--no-download", dest="download", action="store_false",
@@ -76,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def certify_dataset(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, radii: list[float],
     device: torch.device | str = "cpu", batch_size: int = 256, world: World | None = None,
+    execution: str = "real",
 ) -> dict | None:
     """Certify ``model`` on pixels ``x`` (float in [0, 1]) with labels ``y``.
 
@@ -83,7 +88,9 @@ def certify_dataset(
     ``samples`` (``index, label, pred, radius`` per image) and the claim used. Under torchrun
     (``world``), call it on every rank with the same arguments: each certifies whole batches
     (batch ``b`` on rank ``b % world.size``), and rank 0 gets the same table as one process
-    would; the other ranks get None.
+    would; the other ranks get None. ``execution="float32"``: the radii hold for the model as
+    executed in float32 on the CPU (see :func:`lipverify.certify`); each sample also has its
+    real-valued ``radius_real`` and the margin error bound ``delta``.
     """
     from lipverify.certificates import Certificates, certified_accuracy, certify, claim_of
     from lipverify.distributed import certify_batches
@@ -96,8 +103,11 @@ def certify_dataset(
 
     def batch(start: int, stop: int) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            c = certify(model, x[start:stop].to(device), batch_size=batch_size)
-        return c.pred, c.radius, c.logits
+            c = certify(model, x[start:stop].to(device), batch_size=batch_size,
+                        execution=execution)
+        if execution == "real":
+            return c.pred, c.radius, c.logits
+        return c.pred, c.radius, c.logits, c.plain_radius, c.delta.max(1).values
 
     parts = certify_batches(batch, x.shape[0], batch_size, world or World())
     if parts is None:
@@ -109,8 +119,13 @@ def certify_dataset(
         for i, (lbl, p, r) in enumerate(zip(y.tolist(), cert.pred.tolist(),
                                             cert.radius.tolist(), strict=True))
     ]
+    if execution != "real":
+        real, delta = (torch.cat([p[i] for p in parts]) for i in (3, 4))
+        for row, r, d in zip(acc["samples"], real.tolist(), delta.tolist(), strict=True):
+            row["radius_real"], row["delta"] = float(r), float(d)
     acc["lipschitz"] = lip
     acc["certificate_kind"] = kind
+    acc["execution"] = execution
     return acc
 
 
@@ -208,12 +223,15 @@ def _run(args: argparse.Namespace, world: World, device: torch.device | None) ->
     if device is None:
         device = check_device(args.device)
     result = agree(world, lambda: certify_dataset(model, x.float(), torch.as_tensor(y), radii,
-                                                  device, args.batch_size, world))
+                                                  device, args.batch_size, world,
+                                                  args.execution))
     if result is None:  # another rank than 0 of a torchrun job: rank 0 prints and writes
         return 0
     print(f"checkpoint: {what}")
     print(f"data: {source}, {x.shape[0]} images; claim L = {result['lipschitz']:.6g} "
-          f"({result['certificate_kind']} certificate)")
+          f"({result['certificate_kind']} certificate"
+          + (", radii for float32 execution on the CPU" if args.execution != "real" else "")
+          + ")")
     print(format_table(result, radii))
     if args.json:
         doc = {
