@@ -343,6 +343,8 @@ def _executed(model: nn.Module, x: torch.Tensor, lipschitz: float | None, claim:
     from lipverify.execution import ExecutionRefused
 
     executed = copy.deepcopy(model).eval()
+    for p in executed.parameters():  # the same forward, without weight gradients in searches
+        p.requires_grad_(False)
     if claim is None:
         return executed, None, "no Lipschitz bound is claimed, so no executed radius"
     if certifier is not None:

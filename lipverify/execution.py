@@ -261,12 +261,13 @@ def _check_conv_backend(m: SOC, geo) -> None:  # noqa: ANN001
                                "float32 bound needs a direct kernel")
     w = torch.empty(geo.m, geo.m, geo.k, geo.k)
     pad = geo.k // 2
+    shapes = {(cout, cin) for cin in (geo.cin, geo.m) for cout in (geo.m, geo.cout)}
     for batch in CHECKED_BATCHES:
-        for cin in {geo.cin, geo.m}:
+        for cout, cin in sorted(shapes):
             x = torch.empty(batch, cin, geo.h, geo.w).contiguous(
                 memory_format=torch.channels_last)
-            backend = str(sel(x, w[:, :cin], None, [1, 1], [pad, pad], [1, 1], False, [0, 0],
-                              1)).split(".")[-1]
+            backend = str(sel(x, w[:cout, :cin], None, [1, 1], [pad, pad], [1, 1], False,
+                              [0, 0], 1)).split(".")[-1]
             if backend not in _DIRECT_CONV:
                 raise ExecutionRefused(
                     f"SOC {m.extra_repr()}: at batch {batch} the convolution runs on "
@@ -280,7 +281,8 @@ def _normalize_rule(m: Normalize, z: torch.Tensor, st: _State) -> OpBound:
     mean_img = (m.mean.detach().double() / std).expand(1, -1, z.shape[2], z.shape[3])
     g2 = gamma(2)
     return OpBound("Normalize", 1.0 / smin * (1 + NORM_SLACK), g2 / smin,
-                   g2 * float(mean_img.norm()) * (1 + NORM_SLACK))
+                   g2 * float(mean_img.norm()) * (1 + NORM_SLACK)
+                   + 2 * TINY * math.sqrt(z[0].numel()) / smin)
 
 
 def _hh1_rule(m: HouseholderOrder1, z: torch.Tensor, st: _State) -> OpBound:
@@ -304,7 +306,8 @@ def _linear_rule(m: nn.Linear, z: torch.Tensor, st: _State) -> OpBound:
 _RULES = {
     SOC: _soc_rule,
     Normalize: _normalize_rule,
-    MaxMin: lambda m, z, st: OpBound("MaxMin", 1.0, 0.0, 0.0),
+    # exact, but for a subnormal input read as zero (denormals-are-zero)
+    MaxMin: lambda m, z, st: OpBound("MaxMin", 1.0, 0.0, TINY * math.sqrt(z[0].numel())),
     HouseholderOrder1: _hh1_rule,
     nn.Flatten: lambda m, z, st: OpBound("Flatten", 1.0, 0.0, 0.0),
     nn.Linear: _linear_rule,
