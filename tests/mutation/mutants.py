@@ -169,4 +169,12 @@ MUTANTS: tuple[Mutant, ...] = (
         (Edit("lipverify/layers/soc.py", "eval_terms: int = 12,", "eval_terms: int = 11,"),),
         (G + "test_soc_default_terms_are_the_papers",),
     ),
+    # -- float32 execution certificates (issue 15) ---------------------------------------------
+    Mutant(
+        "exec-winograd-allowed",
+        "a convolution dispatched to NNPACK (Winograd/FFT) is bounded as a direct one",
+        (Edit("lipverify/execution.py", "            if backend not in _DIRECT_CONV:",
+              "            if False:"),),
+        ("tests/test_execution.py::test_refuses_reduced_precision_settings_and_winograd_kernels",),
+    ),
 )
