@@ -325,17 +325,35 @@ def _check_plain(m: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
     name = type(m).__name__
+    for attr in ("forward", "features", "head", "__call__", "_call_impl"):
+        if attr in vars(m):
+            raise ExecutionRefused(f"{name} has an instance {attr.strip('_')}: the analysed "
+                                   "forward would not be the one that runs")
+        if attr in _METHODS.get(type(m), {}) and getattr(type(m), attr) is not _METHODS[
+                type(m)][attr]:
+            raise ExecutionRefused(f"{name}.{attr} was replaced after import: the analysed "
+                                   "forward would not be the one that runs")
+    if nn.Module.__call__ is not _MODULE_CALL:
+        raise ExecutionRefused("nn.Module.__call__ was replaced: the analysed forward would "
+                               "not be the one that runs")
     if m.training:
         raise ExecutionRefused(f"{name} is in train mode; certify in eval mode")
-    if "forward" in vars(m):
-        raise ExecutionRefused(f"{name} has an instance forward: the analysed forward would "
-                               "not be the one that runs")
     if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
         raise ExecutionRefused(f"{name} has hooks or parametrizations: the float32 bound "
                                "covers plain modules only")
     if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
         raise ExecutionRefused("global module hooks are registered: the float32 bound covers "
                                "plain modules only")
+
+
+# The methods the analysis describes, as imported: a class patched later is refused.
+_METHODS = {
+    cls: {attr: getattr(cls, attr) for attr in ("forward", "features", "head")
+          if hasattr(cls, attr)}
+    for cls in (LipConvNet, LipBlock, nn.Sequential, Normalize, SOC, MaxMin, HouseholderOrder1,
+                nn.Flatten, nn.Linear, LLN)
+}
+_MODULE_CALL = nn.Module.__call__
 
 
 # -- the walk ------------------------------------------------------------------------------------

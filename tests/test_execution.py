@@ -340,3 +340,15 @@ def test_replay_separates_refuted_from_not_reproducible(rounding_audit, tmp_path
     other = {r["file"]: r for r in replay(model, tmp_path, report.tolerance,
                                           {**env, "threads": env["threads"] + 7})}
     assert other[f.name]["status"] == "not reproducible here"
+
+
+def test_refuses_classes_patched_after_import(monkeypatch):
+    model, x = _tiny_lipconvnet("maxmin", "ortho", 0), torch.rand(2, 3, 32, 32)
+    original = MaxMin.forward
+    monkeypatch.setattr(MaxMin, "forward", lambda self, z: (original(self, z) + 1e6) - 1e6)
+    with pytest.raises(ExecutionRefused, match="replaced"):
+        execution_bound(model, x, 0.1)
+    monkeypatch.undo()
+    model.features = lambda t: t.flatten(1)
+    with pytest.raises(ExecutionRefused, match="instance features"):
+        execution_bound(model, x, 0.1)
