@@ -173,6 +173,9 @@ def test_float32_audit_reports_executed_violations(rounding_audit):
     assert report.verdict == "sound"  # the real-valued certificates are right
     assert executed and report.execution["executed_verdict"] == "unsound"
     assert report.to_dict()["executed_verdict"] == "unsound"
+    md = report.to_markdown()
+    assert "## Execution in float32" in md and "| executed |" in md
+    assert "executed (float32) verdict: UNSOUND" in report.summary()
     twin = copy.deepcopy(model).double()
     for v in report.violation_tensors:
         if v["kind"] != "executed":
