@@ -73,12 +73,14 @@ class Violation:
     #: "real": confirmed in float64 (the real-valued certificate fails); "executed": only
     #: the float32 model's own forward flips (see ``execution="float32"``)
     kind: str = "real"
+    #: with ``executed``: whether the float32 model's own forward (batch of one) flips too
+    float32_flips: bool | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary (without the images)."""
         return {"index": self.index, "distance": self.distance, "radius": self.radius,
                 "attack": self.attack, "pred": self.pred, "adv_pred": self.adv_pred,
-                "kind": self.kind,
+                "kind": self.kind, "float32_flips": self.float32_flips,
                 "logits32": self.logits32.tolist(), "logits64": self.logits64.tolist()}
 
 
@@ -190,6 +192,8 @@ class _Recorder:
         if not viol:
             return
         logits32 = self.model(xa[viol])
+        own = ([bool(int(self.executed(xa[j:j + 1]).argmax()) != int(self.pred[rows[j]]))
+                for j in viol] if self.executed is not None else [None] * len(viol))
         for n, j in enumerate(viol):
             i = int(rows[j])
             old = self.violations.get(i)
@@ -200,7 +204,7 @@ class _Recorder:
                 distance=float(dist[j]), radius=float(self.radius[i]),
                 attack=source[int(keep[j])] or "unknown", pred=int(self.pred[i]),
                 adv_pred=int(logits64[j].argmax()), logits32=logits32[n].detach().float().cpu(),
-                logits64=logits64[j].detach().cpu(),
+                logits64=logits64[j].detach().cpu(), float32_flips=own[n],
             )
 
 
@@ -210,7 +214,9 @@ class _Recorder:
         idx = open_.nonzero()[:, 0]
         if idx.numel() == 0:
             return
-        logits32 = self.executed(xa[idx.to(xa.device)])
+        # one point at a time: the float32 result can depend on the batch, and replay runs
+        # each record alone
+        logits32 = torch.cat([self.executed(xa[j:j + 1]) for j in idx.tolist()])
         flips = (logits32.argmax(1).cpu() != self.pred[rows[idx]].cpu())
         for n, j in enumerate(idx.tolist()):
             if not flips[n]:

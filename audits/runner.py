@@ -414,6 +414,7 @@ def _violation_record(v: Any, index_offset: int) -> tuple[dict, dict]:
         "pred": int(v.pred),
         "adv_pred": int(v.adv_pred),
         "kind": str(getattr(v, "kind", "real")),
+        "float32_flips": getattr(v, "float32_flips", None),
         "logits_float32": [float(t) for t in torch.as_tensor(v.logits32).flatten()],
         "logits_float64": [float(t) for t in torch.as_tensor(v.logits64).flatten()],
     }

@@ -160,7 +160,8 @@ def decide_executed(
     """``(executed_verdict, reasons)``: do the plain certificates hold for the float32 model?
 
     * **unsound**: a flip of the float32 model's own forward inside ``radius * (1 - τ)``
-      (an executed violation, or a real one that float32 also shows);
+      (an executed violation, or a real one whose ``float32_flips`` is true: the model's
+      own forward, not the attacks' ``fast_eval`` one);
     * **sound**: the real verdict is sound and the executed radius ``r̂`` (float32 rounding
       bounded) is at least ``r (1 - τ)`` at every certified point, so the float32 model keeps
       its prediction within ``r (1 - τ) / (1 + τ)``;
@@ -175,8 +176,7 @@ def decide_executed(
             if v["distance"] < r_hat:
                 errors.append(f"auditor error: a float32 flip at point {v['index']} lies at "
                               f"{v['distance']:.6g}, inside the executed radius {r_hat:.6g}")
-    flipped_real = [v for v in real_violations if v.get("logits_float32") and int(
-        torch.tensor(v["logits_float32"]).argmax()) != v["pred"]]
+    flipped_real = [v for v in real_violations if v.get("float32_flips")]
     if executed_violations or flipped_real:
         if executed_violations:
             reasons.append(f"{len(executed_violations)} executed violation(s): the float32 "
@@ -193,7 +193,7 @@ def decide_executed(
         return "inconclusive", [f"the real-valued certificates are {verdict}, so the float32 "
                                 "ones are not vouched for"]
     certified = radius > 0
-    short = certified & (radius_executed < radius * (1 - tolerance))
+    short = certified & ~(radius_executed >= radius * (1 - tolerance))  # NaN is short
     if int(short.sum()):
         return "inconclusive", [
             f"rounding could flip predictions between the executed radius and r (1 - "

@@ -6,15 +6,21 @@ radius ``rho``, a ``delta`` with
     |(f̂_y - f̂_j)(x') - (f_y - f_j)(x')| <= delta_j      for every j != y,
 
 at ``x`` and at every float32 input ``x'`` with ``||x' - x||_2 <= rho``, where ``f`` is the
-real-valued function of the stored weights (the one a Lipschitz claim covers) and ``f̂`` is
-the model's own eval forward executed in float32 on the CPU (not ``fast_eval``).
+real-valued function of the weights as the model computes them (the one a Lipschitz claim
+and the audit cover: SOC's normalized filter ``A`` and LLN's normalized rows as computed in
+float32, then exact arithmetic) and ``f̂`` is the model's own eval forward executed in
+float32 on the CPU (not ``fast_eval``), at any batch size.
 
 How (standard rounding-error analysis, Higham 2002, Ch. 3; all bounds computed in float64):
 
 * a dot product of length ``n`` computed in any order, with or without FMA, satisfies
   ``|fl(w.x) - w.x| <= gamma_n |w|.|x|``, ``gamma_n = n u / (1 - n u)``, ``u = 2^-24``; a
-  sum of ``k + 1`` terms ``gamma_k sum|t_i|``; one operation ``u``. Underflow adds at most
-  ``2^-126`` per operation (gradual underflow or flush-to-zero alike): an absolute term;
+  sum of ``k + 1`` terms ``gamma_k sum|t_i|``; one operation ``u``. Sharper, for SOC's
+  products ``p``: every node of any summation tree adds a subset of the (rounded) products,
+  whose sum is at most ``Q = max(P+, P-) = (sum|p| + |sum p|) / 2`` in magnitude, and the
+  node errors telescope, so ``|fl(sum p) - sum p| <= gamma_{n-1} (1 + u) Q + u sum|p|``.
+  Underflow adds at most ``2^-126`` per operation (gradual underflow or flush-to-zero alike):
+  an absolute term;
 * per module, the error of the executed output against the real module applied to the
   executed input is bounded by ``kappa * N + beta``, with ``N`` a bound on the l2 norm of the
   executed input over the whole ball; errors already present are propagated by the real
@@ -26,23 +32,25 @@ How (standard rounding-error analysis, Higham 2002, Ch. 3; all bounds computed i
 Per module (one rule each, exact types only; anything else is refused with the reason):
 
 * :class:`~lipverify.models.Normalize`: two roundings, ``gamma_2 |x - mean| / std``;
-* SOC (:mod:`lipverify.layers.soc_fast` eval kernels, conv or dense): ``A`` is computed in
-  float32 from the weights (skew part, the four bilinear forms of ``sigma``, the division,
-  the product: ``eta_A``), each of the ``T`` terms is one convolution or matrix product of
-  length ``n`` (``m k^2`` or ``m H W``) with a rounded ``1/i`` scale, ``T + 1`` terms are
-  summed and the bias added; the term errors follow ``d_i <= ||A||/i d_{i-1} + zeta |A|/i
-  (c_{i-1} + d_{i-1})``;
+* SOC (:mod:`lipverify.layers.soc_fast` eval kernels, conv or dense, with the filter ``A``
+  the model computed): each of the ``T`` terms is one convolution or matrix product of length
+  ``n`` (``m k^2`` or ``m H W``) with a rounded ``1/i`` scale; its rounding ``rho_i`` is
+  bounded with the products' magnitudes at ``x`` (``|A||c_{i-1}|`` and ``|A c_{i-1}|``,
+  float64) plus their growth over the ball and from earlier errors; ``rho_i`` reaches the
+  output through ``sum_{j <= T-i} A^j i!/(i+j)!``, of norm ``<= 1 + tail`` for a skew ``A``
+  (``|i! phi_i(i theta)| <= 1``); then ``T + 1`` terms are summed and the bias added;
 * MaxMin: exact (a maximum and a minimum of floats are floats);
 * HH1: the reflection's two products and sum, ``sin``/``cos`` within ``2^-21`` (assumed,
   see :data:`ASSUMPTIONS`), and a rounded sector test, which can only pick the other branch
   within ``2 |v.p|`` of the exact output (``R p - p = -2 (v.p) v``);
 * ``nn.Linear``: ``gamma_{n+1} (|W| |x| + |b|)``; ``nn.Flatten`` and reshapes: exact;
-* LLN head: the row normalization (``omega``), then per class ``gamma_{n+1}`` on the
-  normalized product, per pair ``delta_j = ||w_y - w_j|| E + 2 (omega + gamma (1 + omega))
-  N + gamma (|b_y| + |b_j|)``; an orthogonal head gives ``delta = sqrt(2) E``.
+* LLN head (rows ``w`` as the model normalizes them): per class ``gamma_{n+1} (||w_j|| N +
+  |b_j|)``, per pair ``delta_j = ||w_y - w_j|| E`` plus both classes' terms; an orthogonal
+  (SOC) head gives ``delta = sqrt(2) E`` with ``E`` the logits' error bound.
 
 Checked before any bound is released (each a refusal with the reason): CPU, float32
-weights and inputs, eval mode, no hooks, parametrizations or instance forwards, the
+weights and inputs, eval mode, no hooks, parametrizations, compiled modules, instance
+attributes shadowing methods or classes patched after import, the
 forward equals the analysed composition bit for bit at ``x``, oneDNN's float32 precision
 ``ieee``/``none`` for conv and matmul, ``float32_matmul_precision == "highest"`` (oneDNN
 may compute in bf16 otherwise), and each SOC convolution dispatched to a direct kernel
@@ -100,6 +108,13 @@ def gamma(n: int, u: float = U32) -> float:
     return math.inf if nu >= 1 else nu / (1 - nu)
 
 
+def _read(getter) -> str:  # noqa: ANN001
+    try:
+        return str(getter())
+    except (RuntimeError, AttributeError) as exc:  # torch refuses to mix precision APIs
+        return f"unreadable ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+
+
 def environment() -> dict:
     """What the bound assumes about this machine, as recorded in reports and replays."""
     probe = torch.full((8,), 2.0**-140) * 2.0
@@ -110,9 +125,10 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "flush_denormal": bool((probe == 0).all()),
         "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
-        "mkldnn_conv_fp32_precision": str(torch.backends.mkldnn.conv.fp32_precision),
-        "mkldnn_matmul_fp32_precision": str(torch.backends.mkldnn.matmul.fp32_precision),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "mkldnn_conv_fp32_precision": _read(lambda: torch.backends.mkldnn.conv.fp32_precision),
+        "mkldnn_matmul_fp32_precision": _read(
+            lambda: torch.backends.mkldnn.matmul.fp32_precision),
+        "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
     }
 
 
@@ -123,7 +139,7 @@ def _check_environment() -> None:
             raise ExecutionRefused(
                 f"torch.backends.mkldnn {key.split('_')[1]} fp32_precision is {env[key]!r}: "
                 "float32 products may run in lower precision; set it to 'ieee'")
-    if env["float32_matmul_precision"] != "highest":
+    if env["float32_matmul_precision"] not in ("highest",):
         raise ExecutionRefused(
             f"float32 matmul precision is {env['float32_matmul_precision']!r}: oneDNN may "
             "compute in bf16; call torch.set_float32_matmul_precision('highest')")
@@ -195,7 +211,13 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
         n = geo.m * k * k
         eta = 0.0
         _check_conv_backend(m, geo)
-    zeta = (1 + eta) * (1 + gamma(2)) * (1 + gamma(n)) - 1  # 1/i rounded, scale, product
+    # Term i is a dot product of length n with the filter A (1 + phi) / i, |phi| <= (1 + eta)
+    # (1 + gamma_2) - 1 (1/i rounded, the scale applied), summed in any order: its error is at
+    # most gamma_{n-1} (1 + u) max(P+, P-) + u sum|p| (see _dot_error_weights), with
+    # max(P+, P-) = (|A||c| + |Ac|) / 2 per output.
+    scale = (1 + eta) * (1 + gamma(2))
+    k_sum = scale * gamma(n - 1) * (1 + U32)
+    k_abs = scale * (1 + U32) - 1
     alpha = conv_frequency_norm(a, (geo.h + k - 1, geo.w + k - 1)) * (1 + SAFETY)
     # || |A| || <= ||sum_taps |A_t| ||_2: the nonnegative filter's norm is at frequency 0
     abs_norm = float(torch.linalg.matrix_norm(a.double().abs().sum((2, 3)), ord=2)) * (
@@ -217,8 +239,8 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
         # sum_{j <= T-i} A^j i!/(i+j)!, whose norm is <= 1 + tail for a skew (normal) A, as
         # |i! phi_i(i theta)| <= 1; the triangle inequality otherwise.
         def reach(i: int) -> float:
-            tail = math.fsum(alpha**j * math.factorial(i) / math.factorial(i + j)
-                             for j in range(terms - i + 1, terms - i + 40))
+            # sum_{j > T-i} alpha^j i!/(i+j)! = i! alpha^-i sum_{k > T} alpha^k / k!
+            tail = math.factorial(i) * _soc_tail(alpha, terms) / alpha**i if alpha > 0 else 0.0
             if skew:
                 return 1.0 + tail
             return math.fsum(alpha**j * math.factorial(i) / math.factorial(i + j)
@@ -230,11 +252,14 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
         power = 1.0  # ||A||^(i-1) / (i-1)!
         total = c.clone()
         for i in range(1, terms + 1):
-            mags = norm(torch.nn.functional.conv2d(c.abs(), a64.abs(), padding=pad)) / i
-            rho_i = zeta * (mags + (abs_norm / i) * (power * dev + d_prev))
+            s_abs = torch.nn.functional.conv2d(c.abs(), a64.abs(), padding=pad)  # |A||c|
+            ac = torch.nn.functional.conv2d(c, a64, padding=pad)
+            half = norm((s_abs + ac.abs()) / 2)  # ||max(P+, P-)|| at x
+            moved = abs_norm * (power * dev + d_prev)  # what the ball and d_{i-1} add
+            rho_i = (k_sum * (half + moved) + k_abs * (norm(s_abs) + moved)) / i
             d = (alpha / i) * d_prev + rho_i
             sum_d = sum_d + reach(i) * rho_i
-            c = torch.nn.functional.conv2d(c, a64, padding=pad) / i
+            c = ac / i
             power = power * alpha / i
             total = total + c
             sum_mag = sum_mag + norm(c) + power * dev + d
@@ -248,8 +273,10 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
             geo.hw)
         local = series_err + U32 * (out_mag + b * slack)  # the bias add
     out_numel = geo.cout * geo.hw
+    # underflow: at most TINY per product (a subnormal input read as zero included) and per
+    # addition, in every term, carried through the rest of the series (<= e^alpha)
     local = local + math.sqrt(out_numel) * (terms + 2) * (n + 2) * TINY * (
-        1 + float(a.abs().max()))
+        1 + float(a.abs().max())) * math.exp(min(alpha, 700.0)) * 2
     return OpBound(f"SOC({m.extra_repr()})", lip, 0.0, local,
                    [f"{geo.kind} kernel, n={n}, ||A||<={alpha:.4g}, || |A| ||<={abs_norm:.4g}"])
 
@@ -277,8 +304,11 @@ def _check_conv_backend(m: SOC, geo) -> None:  # noqa: ANN001
 
 def _normalize_rule(m: Normalize, z: torch.Tensor, st: _State) -> OpBound:
     std = m.std.detach().double()
+    if not (torch.isfinite(std).all() and (std > 0).all()
+            and torch.isfinite(m.mean.detach()).all()):
+        raise ExecutionRefused("Normalize: std must be positive and finite, mean finite")
     smin = float(std.min())
-    mean_img = (m.mean.detach().double() / std).expand(1, -1, z.shape[2], z.shape[3])
+    mean_img = torch.broadcast_to(m.mean.detach().double() / std, z[:1].shape)
     g2 = gamma(2)
     return OpBound("Normalize", 1.0 / smin * (1 + NORM_SLACK), g2 / smin,
                    g2 * float(mean_img.norm()) * (1 + NORM_SLACK)
@@ -296,10 +326,13 @@ def _linear_rule(m: nn.Linear, z: torch.Tensor, st: _State) -> OpBound:
     with torch.no_grad():
         smax = float(torch.linalg.matrix_norm(w, ord=2))
     lip = min(_schur(w), float(w.norm()), smax * (1 + 1e-8)) * (1 + NORM_SLACK)
+    if n == 0 or w.shape[0] == 0 or not torch.isfinite(w).all():
+        raise ExecutionRefused("Linear: empty or non-finite weights")
     g = gamma(n + 1)
-    b = 0.0 if m.bias is None else float(m.bias.detach().double().norm())
+    rows = z[0].numel() // n  # F.linear acts on the last dimension, row by row
+    b = 0.0 if m.bias is None else float(m.bias.detach().double().norm()) * math.sqrt(rows)
     return OpBound(f"Linear({n}->{w.shape[0]})", lip, g * _schur(w),
-                   g * b * (1 + NORM_SLACK) + math.sqrt(w.shape[0]) * (n + 2) * TINY
+                   g * b * (1 + NORM_SLACK) + math.sqrt(rows * w.shape[0]) * (n + 2) * TINY
                    * (1 + float(w.abs().max())))
 
 
@@ -325,15 +358,21 @@ def _check_plain(m: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
     name = type(m).__name__
-    for attr in ("forward", "features", "head", "__call__", "_call_impl"):
-        if attr in vars(m):
+    cls = type(m)
+    for attr, value in vars(m).items():
+        if attr.startswith("__") or not hasattr(cls, attr):
+            continue
+        if callable(value) and not isinstance(value, nn.Module):
             raise ExecutionRefused(f"{name} has an instance {attr.strip('_')}: the analysed "
                                    "forward would not be the one that runs")
-        if attr in _METHODS.get(type(m), {}) and getattr(type(m), attr) is not _METHODS[
-                type(m)][attr]:
+    if getattr(m, "_compiled_call_impl", None) is not None:
+        raise ExecutionRefused(f"{name} is compiled (module.compile()): the compiled kernels "
+                               "have no rounding bound here")
+    for attr, value in _METHODS.get(cls, {}).items():
+        if vars(cls).get(attr) is not value:
             raise ExecutionRefused(f"{name}.{attr} was replaced after import: the analysed "
                                    "forward would not be the one that runs")
-    if nn.Module.__call__ is not _MODULE_CALL:
+    if nn.Module.__call__ is not _MODULE_CALL or nn.Module._call_impl is not _MODULE_IMPL:
         raise ExecutionRefused("nn.Module.__call__ was replaced: the analysed forward would "
                                "not be the one that runs")
     if m.training:
@@ -348,18 +387,22 @@ def _check_plain(m: nn.Module) -> None:
 
 # The methods the analysis describes, as imported: a class patched later is refused.
 _METHODS = {
-    cls: {attr: getattr(cls, attr) for attr in ("forward", "features", "head")
-          if hasattr(cls, attr)}
+    cls: {attr: value for attr, value in vars(cls).items() if callable(value)
+          or isinstance(value, (staticmethod, classmethod, property))}
     for cls in (LipConvNet, LipBlock, nn.Sequential, Normalize, SOC, MaxMin, HouseholderOrder1,
                 nn.Flatten, nn.Linear, LLN)
 }
 _MODULE_CALL = nn.Module.__call__
+_MODULE_IMPL = nn.Module._call_impl
 
 
 # -- the walk ------------------------------------------------------------------------------------
 def _apply(rule_out: OpBound, st: _State, out: torch.Tensor) -> _State:
     n_in = st.norm_bound()
     local = rule_out.kappa * n_in + rule_out.beta
+    if rule_out.lip < 0 or rule_out.kappa < 0 or bool((local < 0).any()):
+        raise ExecutionRefused(f"{rule_out.name}: a negative error or Lipschitz bound (an "
+                               "auditor bug or an invalid module); no float32 bound")
     if not torch.isfinite(local).all() or float(local.max()) > 1e30:
         raise ExecutionRefused(f"{rule_out.name}: no finite rounding bound (magnitudes too "
                                "large or a dot product too long for float32)")
@@ -383,7 +426,14 @@ def _walk(m: nn.Module, st: _State) -> _State:
                                "SOC, MaxMin, HH1, Linear, Flatten and an LLN or SOC head")
     with torch.no_grad():
         out = m(st.z)
-    return _apply(rule(m, st.z, st), st, out)
+    try:
+        bound = rule(m, st.z, st)
+    except ExecutionRefused:
+        raise
+    except (RuntimeError, ValueError, ZeroDivisionError, IndexError, TypeError) as exc:
+        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ExecutionRefused(f"{t.__name__}: no rounding bound ({text})") from None
+    return _apply(bound, st, out)
 
 
 @dataclass
@@ -442,12 +492,23 @@ def execution_bound(model: nn.Module, x: torch.Tensor, rho: torch.Tensor | float
     if any(b.is_floating_point() and b.dtype != torch.float32 for b in model.buffers()):
         raise ExecutionRefused("float32 execution certificates need float32 buffers")
     _check_environment()
-    rho = torch.as_tensor(rho, dtype=torch.float64).expand(x.shape[0]).clone()
+    if type(x) is not torch.Tensor or x.dim() < 2 or x.shape[0] == 0:
+        raise InputError("float32 execution bounds need a plain, non-empty batch of inputs")
+    rho = torch.as_tensor(rho, dtype=torch.float64).detach().cpu()
+    if rho.numel() == 1:
+        rho = rho.reshape(1).expand(x.shape[0]).clone()
+    elif rho.numel() == x.shape[0]:
+        rho = rho.reshape(-1).clone()
+    else:
+        raise InputError(f"give one ball radius, or one per point ({x.shape[0]})")
     if not torch.isfinite(rho).all() or (rho < 0).any():
         raise InputError("ball radii must be finite and non-negative")
     with torch.no_grad():
         st, head = _top_walk(model, x, rho)
         logits = model(x)
+    if logits.dim() != 2:
+        raise ExecutionRefused(f"the model's output has shape {tuple(logits.shape)}; "
+                               "certificates need logits of shape (N, classes)")
     n = x.shape[0]
     if head == "logits":
         if not torch.equal(st.z, logits):

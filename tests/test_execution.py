@@ -355,3 +355,82 @@ def test_refuses_classes_patched_after_import(monkeypatch):
     model.features = lambda t: t.flatten(1)
     with pytest.raises(ExecutionRefused, match="instance features"):
         execution_bound(model, x, 0.1)
+
+
+# -- regressions from the adversarial review --------------------------------------------------
+def test_negative_std_is_refused_not_a_negative_delta():
+    """A fooling model: two Normalize layers with std -1 cancel, so L = 1 holds, but 1/min(std)
+    is negative and would have made delta negative."""
+    model = rounding_model(4096.0)
+    for layer in model[:2]:
+        layer.std.fill_(-1.0)
+    with pytest.raises(ExecutionRefused, match="std must be positive"):
+        execution_bound(model, points(4), 0.1)
+
+
+def test_instance_overrides_and_compiled_modules_are_refused():
+    from lipverify.layers.soc_fast import SeriesOperator
+
+    model, x = _tiny_lipconvnet("maxmin", "ortho", 0), torch.rand(2, 3, 32, 32)
+    soc = model.layer3[0].conv
+    orig = soc.eval_operator
+    soc.eval_operator = lambda xs: SeriesOperator(orig(xs).geo, orig(xs).tensor.bfloat16()
+                                                  .float())
+    with pytest.raises(ExecutionRefused, match="instance eval_operator"):
+        execution_bound(model, x, 0.1)
+    model = _tiny_lipconvnet("maxmin", "ortho", 0)
+    model.layer2[0].activation._compiled_call_impl = lambda z: z
+    with pytest.raises(ExecutionRefused, match="compiled"):
+        execution_bound(model, x, 0.1)
+
+
+def test_broadcast_normalize_and_batched_linear_bounds_cover_the_error():
+    norm = Normalize((513.0,), (1.0,)).eval()  # one channel's buffers broadcast over 16
+    z = torch.rand(4, 16, 3, 3)
+    twin = copy.deepcopy(norm).double()
+    with torch.no_grad():
+        err = (norm(z).double() - twin(z.double())).flatten(1).norm(dim=1)
+    assert (_local_bound(norm, z) >= err).all()
+    lin = nn.Linear(8, 5).eval()
+    with torch.no_grad():
+        lin.bias.fill_(513.0)
+    z = torch.randn(4, 64, 8)  # F.linear on every row of the last dimension
+    twin = copy.deepcopy(lin).double()
+    with torch.no_grad():
+        err = (lin(z).double() - twin(z.double())).flatten(1).norm(dim=1)
+    assert (_local_bound(lin, z) >= err).all()
+
+
+def test_bad_shapes_and_settings_are_refusals_not_tracebacks():
+    model, x = rounding_model(4096.0), points(4)
+    assert execution_bound(model, x, torch.full((4, 1), 0.1)).delta.shape == (4, 10)
+    with pytest.raises(InputError):
+        execution_bound(model, x[:0], 0.1)
+    with pytest.raises(InputError, match="radius"):
+        execution_bound(model, x, torch.full((3,), 0.1))
+    zero_std = rounding_model(0.0)
+    zero_std[0].std.zero_()
+    with pytest.raises(ExecutionRefused):
+        execution_bound(zero_std, x, 0.1)
+    empty = nn.Sequential(nn.Flatten(), nn.Linear(48, 0)).eval()
+    with pytest.raises(ExecutionRefused):
+        execution_bound(empty, x, 0.1)
+    old = torch.backends.mkldnn.fp32_precision
+    torch.backends.mkldnn.fp32_precision = "bf16"  # mixing the APIs: the legacy read raises
+    try:
+        env = environment()
+        with pytest.raises(ExecutionRefused):
+            execution_bound(model, x, 0.1)
+    finally:
+        torch.backends.mkldnn.fp32_precision = old
+    assert isinstance(env["float32_matmul_precision"], str)
+
+
+def test_a_nan_executed_radius_is_never_sound():
+    from lipverify.audits.verdict import decide_executed
+
+    verdict, _ = decide_executed(
+        verdict="sound", tolerance=1e-3, radius=torch.tensor([0.5]),
+        radius_executed=torch.tensor([math.nan]), refusal=None, real_violations=[],
+        executed_violations=[])
+    assert verdict == "inconclusive"
