@@ -255,8 +255,10 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
             s_abs = torch.nn.functional.conv2d(c.abs(), a64.abs(), padding=pad)  # |A||c|
             ac = torch.nn.functional.conv2d(c, a64, padding=pad)
             half = norm((s_abs + ac.abs()) / 2)  # ||max(P+, P-)|| at x
-            moved = abs_norm * (power * dev + d_prev)  # what the ball and d_{i-1} add
-            rho_i = (k_sum * (half + moved) + k_abs * (norm(s_abs) + moved)) / i
+            # what the ball and d_{i-1} add: |A||D| to |A||c|, (|A||D| + |AD|)/2 to max(P+, P-)
+            shift = power * dev + d_prev
+            rho_i = (k_sum * (half + (abs_norm + alpha) / 2 * shift)
+                     + k_abs * (norm(s_abs) + abs_norm * shift)) / i
             d = (alpha / i) * d_prev + rho_i
             sum_d = sum_d + reach(i) * rho_i
             c = ac / i
