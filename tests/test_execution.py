@@ -434,3 +434,21 @@ def test_a_nan_executed_radius_is_never_sound():
         radius_executed=torch.tensor([math.nan]), refusal=None, real_violations=[],
         executed_violations=[])
     assert verdict == "inconclusive"
+
+
+def test_reference_lipconvnet5_delta_covers_the_observed_error(shared):
+    """The reference-format SOC/HH1/LLN LipConvNet-5 on its CIFAR-10 images."""
+    from lipverify.checkpoints import load_model
+
+    path = shared("compat", "soc-lipconvnet5-hh1-lln-c10.pt")
+    model = load_model(path)
+    x = torch.load(path, weights_only=True)["inputs_pixels"].float()
+    real = certify(model, x)
+    ex = certify(model, x, execution="float32")
+    assert (ex.radius <= real.radius).all()
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        l32, l64 = model(x).double(), twin(x.double())
+    m32 = l32.gather(1, real.pred[:, None]) - l32
+    m64 = l64.gather(1, real.pred[:, None]) - l64
+    assert ((m32 - m64).abs() <= ex.delta).all()
