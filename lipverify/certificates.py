@@ -177,8 +177,10 @@ EXECUTIONS = ("real", "float32")
 def _executed(model: nn.Module, x: torch.Tensor, lip: float, kind: str, plain: torch.Tensor,
               batch_size: int) -> Certificates:
     """Certificates of the float32 model (see :func:`certify`)."""
-    from lipverify.execution import executed_radii, execution_bound
+    from lipverify.execution import ExecutionRefused, executed_radii, execution_bound
 
+    if not torch.isfinite(plain).all():
+        raise ExecutionRefused("non-finite logits or radii at some points: no float32 bound")
     logits, deltas, radii = [], [], []
     for i in range(0, x.shape[0], batch_size):
         rho = plain[i : i + batch_size].double()
@@ -187,7 +189,10 @@ def _executed(model: nn.Module, x: torch.Tensor, lip: float, kind: str, plain: t
         deltas.append(b.delta)
         radii.append(executed_radii(b, lip, kind, rho))
     logits_t = torch.cat(logits)
-    return Certificates(pred=logits_t.argmax(1), radius=torch.cat(radii).to(plain.dtype),
+    r64 = torch.cat(radii)
+    r = r64.to(plain.dtype)  # rounded toward zero: never above the proven radius
+    r = torch.where(r.double() > r64, torch.nextafter(r, torch.zeros_like(r)), r)
+    return Certificates(pred=logits_t.argmax(1), radius=r,
                         logits=logits_t, execution="float32", delta=torch.cat(deltas),
                         plain_radius=plain)
 

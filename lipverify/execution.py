@@ -43,6 +43,11 @@ Per module (one rule each, exact types only; anything else is refused with the r
 * HH1: the reflection's two products and sum, ``sin``/``cos`` within ``2^-21`` (assumed,
   see :data:`ASSUMPTIONS`), and a rounded sector test, which can only pick the other branch
   within ``2 |v.p|`` of the exact output (``R p - p = -2 (v.p) v``);
+* HH2: the angle ``phi`` and the sector thresholds within ``Delta`` of the exact ones, so a
+  wrong sector's map, orthogonal and equal to the continuous exact map somewhere within
+  ``Delta``, is within ``2 Delta ||p||``; plus each map's rounding;
+* BCOP: one circular convolution with the filter the model computes (``n = cin k^2``
+  products and the bias, bounded like SOC's terms); its norm is exact on the circular grid;
 * ``nn.Linear``: ``gamma_{n+1} (|W| |x| + |b|)``; ``nn.Flatten`` and reshapes: exact;
 * LLN head (rows ``w`` as the model normalizes them): per class ``gamma_{n+1} (||w_j|| N +
   |b_j|)``, per pair ``delta_j = ||w_y - w_j|| E`` plus both classes' terms; an orthogonal
@@ -62,6 +67,7 @@ holds for any thread count and either underflow mode.
 from __future__ import annotations
 
 import math
+import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -70,7 +76,8 @@ import torch
 from torch import nn
 
 from lipverify.errors import InputError
-from lipverify.layers.activations import HouseholderOrder1, MaxMin
+from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
+from lipverify.layers.bcop import BCOP
 from lipverify.layers.last import LLN
 from lipverify.layers.soc import SOC, conv_transpose_filter, space_to_depth_checked
 from lipverify.models import LipBlock, LipConvNet, Normalize
@@ -84,6 +91,7 @@ __all__ = [
 U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
 TINY = 2.0**-125  # twice the smallest normal float32: one underflow, FTZ or gradual
 TRIG_ERR = 2.0**-21  # assumed absolute error of float32 sin/cos (SLEEF u10, glibc: <= 1 ulp)
+ATAN2_ERR = 2.0**-20  # assumed absolute error of float32 atan2 (<= 1 ulp of a value <= pi)
 SAFETY = 1e-6  # relative margin on float64 norm computations (as the audit)
 NORM_SLACK = 1e-9  # relative slack on float64 norms of float32 tensors (gamma_n, n < 1e6)
 CHECKED_BATCHES = (1, 2, 16, 64, 256, 1024)
@@ -91,7 +99,7 @@ _DIRECT_CONV = {"Mkldnn", "Slow2d", "SlowDilated2d", "Empty", "MkldnnEmpty"}
 
 ASSUMPTIONS = (
     "IEEE-754 float32 with round-to-nearest; any summation order, with or without FMA",
-    "float32 sin/cos within 2^-21 absolute (HH1 angles only)",
+    "float32 sin/cos within 2^-21 and atan2 within 2^-20 absolute (HH1 and HH2 angles)",
     "oneDNN convolutions run the direct algorithm (PyTorch's default), not Winograd",
     "underflow costs at most 2^-126 per operation (gradual underflow or flush-to-zero)",
     "the forward runs on the CPU as analysed: no fast_eval operators, no torch.func",
@@ -129,7 +137,25 @@ def environment() -> dict:
         "mkldnn_matmul_fp32_precision": _read(
             lambda: torch.backends.mkldnn.matmul.fp32_precision),
         "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+        "cpu_capability": _read(torch.backends.cpu.get_cpu_capability),
+        "cpu_model": _cpu_model(),
+        **{k: os.environ.get(k) for k in _ENV_VARS},
     }
+
+
+_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE",
+             "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _check_environment() -> None:
@@ -139,10 +165,34 @@ def _check_environment() -> None:
             raise ExecutionRefused(
                 f"torch.backends.mkldnn {key.split('_')[1]} fp32_precision is {env[key]!r}: "
                 "float32 products may run in lower precision; set it to 'ieee'")
+    for key in ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"):
+        if env[key] not in (None, "", "strict", "STRICT"):
+            raise ExecutionRefused(f"{key}={env[key]}: oneDNN may compute float32 products in "
+                                   "lower precision; unset it")
+    _probe_products()
     if env["float32_matmul_precision"] not in ("highest",):
         raise ExecutionRefused(
             f"float32 matmul precision is {env['float32_matmul_precision']!r}: oneDNN may "
             "compute in bf16; call torch.set_float32_matmul_precision('highest')")
+
+
+def _probe_products() -> None:
+    """Run the kernels the rules assume (a oneDNN convolution, channels-last, and the dense
+    product of :func:`lipverify.layers.soc_fast.linear`, and ``F.linear``) on values whose
+    float32 result is exact but whose bf16 or tf32 result is not."""
+    from lipverify.layers.soc_fast import linear
+
+    v = 1.0 + 2.0**-20  # exact in float32, not in bf16 (8 bits) or tf32 (11 bits)
+    x = torch.full((2, 4, 3, 3), v).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(4, 4, 3, 3)
+    w[:, 0, 1, 1] = 1.0
+    with torch.no_grad():
+        outs = [torch.nn.functional.conv2d(x, w, padding=1),
+                linear(torch.full((2, 16), v), torch.eye(16)),
+                torch.nn.functional.linear(torch.full((2, 16), v), torch.eye(16))]
+    if not all(bool((o == v).all()) for o in outs):
+        raise ExecutionRefused("float32 convolutions or products do not compute in float32 "
+                               "here (reduced-precision math mode): no float32 bound")
 
 
 # -- per-module rules ---------------------------------------------------------------------------
@@ -210,7 +260,9 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
     else:
         n = geo.m * k * k
         eta = 0.0
-        _check_conv_backend(m, geo)
+        _check_conv_backend(f"SOC {m.extra_repr()}",
+                            [(co, ci) for ci in (geo.cin, geo.m) for co in (geo.m, geo.cout)],
+                            k, k // 2, geo.h, geo.w, channels_last=True)
     # Term i is a dot product of length n with the filter A (1 + phi) / i, |phi| <= (1 + eta)
     # (1 + gamma_2) - 1 (1/i rounded, the scale applied), summed in any order: its error is at
     # most gamma_{n-1} (1 + u) max(P+, P-) + u sum|p| (see _dot_error_weights), with
@@ -283,25 +335,64 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
                    [f"{geo.kind} kernel, n={n}, ||A||<={alpha:.4g}, || |A| ||<={abs_norm:.4g}"])
 
 
-def _check_conv_backend(m: SOC, geo) -> None:  # noqa: ANN001
+def _check_conv_backend(name: str, shapes: Iterable[tuple[int, int]], k: int, pad: int,
+                        h: int, w: int, channels_last: bool) -> None:
+    """Every (out, in) block of a convolution, at every batch size checked, dispatches to a
+    direct kernel (oneDNN or im2col), never NNPACK's Winograd/FFT."""
     sel = getattr(torch._C, "_select_conv_backend", None)
     if sel is None:
         raise ExecutionRefused("this torch cannot say which convolution kernel runs; the "
                                "float32 bound needs a direct kernel")
-    w = torch.empty(geo.m, geo.m, geo.k, geo.k)
-    pad = geo.k // 2
-    shapes = {(cout, cin) for cin in (geo.cin, geo.m) for cout in (geo.m, geo.cout)}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for batch in CHECKED_BATCHES:
-        for cout, cin in sorted(shapes):
-            x = torch.empty(batch, cin, geo.h, geo.w).contiguous(
-                memory_format=torch.channels_last)
-            backend = str(sel(x, w[:cout, :cin], None, [1, 1], [pad, pad], [1, 1], False,
+        for cout, cin in sorted(set(shapes)):
+            x = torch.empty(batch, cin, h, w).contiguous(memory_format=fmt)
+            weight = torch.empty(cout, cin, k, k)
+            backend = str(sel(x, weight, None, [1, 1], [pad, pad], [1, 1], False,
                               [0, 0], 1)).split(".")[-1]
             if backend not in _DIRECT_CONV:
                 raise ExecutionRefused(
-                    f"SOC {m.extra_repr()}: at batch {batch} the convolution runs on "
+                    f"{name}: at batch {batch} the convolution runs on "
                     f"{backend}, whose error has no bound here (Winograd/FFT); enable oneDNN "
                     "(torch.backends.mkldnn.enabled = True)")
+
+
+def _bcop_rule(m: BCOP, z: torch.Tensor, st: _State) -> OpBound:
+    """``conv(pad_circular(s2d(x)), W) + b`` with ``W`` the filter the model computes: one dot
+    product of ``n = cin k^2`` products and the bias per output (any order), bounded like
+    SOC's terms, ``gamma_n (1 + u) max(P+, P-) + u sum|p|``, at ``x`` plus the ball's shift."""
+    xs = space_to_depth_checked(m, z)
+    with torch.no_grad():
+        w = m.conv_filter().detach()
+    if not torch.isfinite(w).all():
+        raise ExecutionRefused(f"BCOP {m.extra_repr()}: the filter is not finite")
+    k, p = m.kernel_size, m.kernel_size // 2
+    cout, cin = w.shape[:2]
+    h, wd = xs.shape[-2:]
+    _check_conv_backend(f"BCOP {m.extra_repr()}", [(cout, cin)], k, 0, h + 2 * p, wd + 2 * p,
+                        channels_last=False)
+    n = cin * k * k
+    lip = conv_frequency_norm(w, (h, wd)) * (1 + SAFETY)  # circular padding: exact
+    abs_norm = float(torch.linalg.matrix_norm(w.double().abs().sum((2, 3)), ord=2)) * (
+        1 + SAFETY)
+    w64 = w.double()
+    b64 = None if m.bias is None else m.bias.detach().double()
+    with torch.no_grad():
+        x64 = xs.double()
+        if p:
+            x64 = torch.nn.functional.pad(x64, (p, p, p, p), mode="circular")
+        s_abs = torch.nn.functional.conv2d(x64.abs(), w64.abs(),
+                                           None if b64 is None else b64.abs())
+        val = torch.nn.functional.conv2d(x64, w64, b64)
+    slack = 1 + NORM_SLACK
+    half = ((s_abs + val.abs()) / 2).flatten(1).norm(dim=1) * slack
+    dev = 2 * st.e + st.lam * st.rho
+    k_sum = gamma(n) * (1 + U32)  # n products and the bias: n + 1 terms
+    local = (k_sum * (half + (abs_norm + lip) / 2 * dev)
+             + U32 * (s_abs.flatten(1).norm(dim=1) * slack + abs_norm * dev))
+    local = local + math.sqrt(val[0].numel()) * (n + 2) * TINY * (1 + float(w.abs().max()))
+    return OpBound(f"BCOP({m.extra_repr()})", lip, 0.0, local,
+                   [f"n={n}, ||W||<={lip:.4g}, || |W| ||<={abs_norm:.4g}"])
 
 
 def _normalize_rule(m: Normalize, z: torch.Tensor, st: _State) -> OpBound:
@@ -314,12 +405,24 @@ def _normalize_rule(m: Normalize, z: torch.Tensor, st: _State) -> OpBound:
     g2 = gamma(2)
     return OpBound("Normalize", 1.0 / smin * (1 + NORM_SLACK), g2 / smin,
                    g2 * float(mean_img.norm()) * (1 + NORM_SLACK)
-                   + 2 * TINY * math.sqrt(z[0].numel()) / smin)
+                   + 2 * TINY * math.sqrt(z[0].numel()) * (1 + 1 / smin))
 
 
 def _hh1_rule(m: HouseholderOrder1, z: torch.Tensor, st: _State) -> OpBound:
     c = TRIG_ERR + gamma(2) * (1 + TRIG_ERR)
     return OpBound("HH1", 1.0, (2 + 2 * math.sqrt(2)) * c, math.sqrt(z[0].numel()) * 8 * TINY)
+
+
+def _hh2_rule(m: HouseholderOrder2, z: torch.Tensor, st: _State) -> OpBound:
+    """HH2: the computed angle ``phi`` (atan2, the shift, the remainder by float32 2 pi) and
+    the sector thresholds are within ``Delta`` of the exact ones, so a wrong sector is one
+    whose interval lies within ``Delta`` of ``phi``; its (orthogonal) map agrees with the
+    continuous, 1-Lipschitz exact map there, so it is within ``2 Delta ||p||`` of it. Each
+    map's two products and sum, with ``sin``/``cos`` of angles rounded once: ``2 c ||p||``."""
+    delta_angle = ATAN2_ERR + 32 * math.pi * U32
+    c = TRIG_ERR + 4 * math.pi * U32
+    c = c + gamma(2) * (1 + c)
+    return OpBound("HH2", 1.0, 2 * delta_angle + 2 * c, math.sqrt(z[0].numel()) * 8 * TINY)
 
 
 def _linear_rule(m: nn.Linear, z: torch.Tensor, st: _State) -> OpBound:
@@ -340,18 +443,32 @@ def _linear_rule(m: nn.Linear, z: torch.Tensor, st: _State) -> OpBound:
 
 _RULES = {
     SOC: _soc_rule,
+    BCOP: _bcop_rule,
     Normalize: _normalize_rule,
     # exact, but for a subnormal input read as zero (denormals-are-zero)
     MaxMin: lambda m, z, st: OpBound("MaxMin", 1.0, 0.0, TINY * math.sqrt(z[0].numel())),
     HouseholderOrder1: _hh1_rule,
+    HouseholderOrder2: _hh2_rule,
     nn.Flatten: lambda m, z, st: OpBound("Flatten", 1.0, 0.0, 0.0),
     nn.Linear: _linear_rule,
 }
+_SHAPE_KEEPING = (Normalize, MaxMin, HouseholderOrder1, HouseholderOrder2)
+
+
+def _pair_angles(m: nn.Module) -> int:
+    angle = m.theta if isinstance(m, HouseholderOrder1) else m.theta0
+    others = [] if isinstance(m, HouseholderOrder1) else [m.theta1, m.theta2]
+    if any(o.numel() != angle.numel() for o in others):
+        return -1
+    if isinstance(m, HouseholderOrder1) and (angle.dim() != 4 or angle.shape[0] != 1
+                                             or angle.shape[2:] != (1, 1)):
+        return -1
+    return angle.numel()
+
+
 _REFUSED = {
-    "HouseholderOrder2": "HH2's atan2 and sector tests have no rounding bound here",
     "CayleyConv": "the Cayley transform's FFT and matrix inverse have no rounding bound here",
     "CayleyLinear": "the Cayley transform's matrix inverse has no rounding bound here",
-    "BCOP": "BCOP's Björck iterations have no rounding bound here",
 }
 
 
@@ -391,8 +508,8 @@ def _check_plain(m: nn.Module) -> None:
 _METHODS = {
     cls: {attr: value for attr, value in vars(cls).items() if callable(value)
           or isinstance(value, (staticmethod, classmethod, property))}
-    for cls in (LipConvNet, LipBlock, nn.Sequential, Normalize, SOC, MaxMin, HouseholderOrder1,
-                nn.Flatten, nn.Linear, LLN)
+    for cls in (LipConvNet, LipBlock, nn.Sequential, Normalize, SOC, BCOP, MaxMin,
+                HouseholderOrder1, HouseholderOrder2, nn.Flatten, nn.Linear, LLN)
 }
 _MODULE_CALL = nn.Module.__call__
 _MODULE_IMPL = nn.Module._call_impl
@@ -400,6 +517,9 @@ _MODULE_IMPL = nn.Module._call_impl
 
 # -- the walk ------------------------------------------------------------------------------------
 def _apply(rule_out: OpBound, st: _State, out: torch.Tensor) -> _State:
+    if out.dim() < 2 or out.shape[0] != st.z.shape[0]:
+        raise ExecutionRefused(f"{rule_out.name}: the output {tuple(out.shape)} has no batch "
+                               "dimension of the inputs")
     n_in = st.norm_bound()
     local = rule_out.kappa * n_in + rule_out.beta
     if rule_out.lip < 0 or rule_out.kappa < 0 or bool((local < 0).any()):
@@ -425,14 +545,23 @@ def _walk(m: nn.Module, st: _State) -> _State:
     if rule is None:
         why = _REFUSED.get(t.__name__, "no rounding rule for this module type")
         raise ExecutionRefused(f"{t.__name__}: {why}; float32 certificates cover Normalize, "
-                               "SOC, MaxMin, HH1, Linear, Flatten and an LLN or SOC head")
-    with torch.no_grad():
-        out = m(st.z)
+                               "SOC, BCOP, MaxMin, HH1, HH2, Linear, Flatten and an LLN, SOC or "
+                               "BCOP head")
     try:
+        with torch.no_grad():
+            out = m(st.z)
+        if t in _SHAPE_KEEPING and out.shape != st.z.shape:
+            raise ExecutionRefused(f"{t.__name__} changes the shape {tuple(st.z.shape)} to "
+                                   f"{tuple(out.shape)} (broadcasting): no rule for that")
+        if t in (HouseholderOrder1, HouseholderOrder2) and not (
+                st.z.dim() == 4 and _pair_angles(m) == st.z.shape[1] // 2):
+            raise ExecutionRefused(f"{t.__name__} needs NCHW inputs with one angle per channel "
+                                   "pair")
         bound = rule(m, st.z, st)
     except ExecutionRefused:
         raise
-    except (RuntimeError, ValueError, ZeroDivisionError, IndexError, TypeError) as exc:
+    except (RuntimeError, ValueError, ZeroDivisionError, IndexError, TypeError,
+            AttributeError) as exc:
         text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise ExecutionRefused(f"{t.__name__}: no rounding bound ({text})") from None
     return _apply(bound, st, out)
@@ -468,7 +597,7 @@ def _top_walk(model: nn.Module, x: torch.Tensor, rho: torch.Tensor) -> tuple[_St
         if type(last) is LLN:
             _check_plain(last)
             return st, "lln"
-        if type(last) is not SOC:
+        if type(last) not in (SOC, BCOP):
             why = _REFUSED.get(type(last).__name__, "no rounding rule")
             raise ExecutionRefused(f"{type(last).__name__} last layer: {why}")
         feats = st.z
@@ -478,8 +607,8 @@ def _top_walk(model: nn.Module, x: torch.Tensor, rho: torch.Tensor) -> tuple[_St
     if type(model) is nn.Sequential:
         return _walk(model, st), "logits"
     raise ExecutionRefused(f"{type(model).__name__}: float32 certificates cover LipConvNet and "
-                           "nn.Sequential models of Normalize, SOC, MaxMin, HH1, Linear and "
-                           "Flatten")
+                           "nn.Sequential models of Normalize, SOC, BCOP, MaxMin, HH1, HH2, "
+                           "Linear and Flatten")
 
 
 def execution_bound(model: nn.Module, x: torch.Tensor, rho: torch.Tensor | float) -> ExecutionBound:

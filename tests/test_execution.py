@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -25,7 +25,7 @@ from lipverify.cli import main
 from lipverify.errors import InputError
 from lipverify.execution import ExecutionRefused, _State, _walk, environment, execution_bound
 from lipverify.layers import SOC
-from lipverify.layers.activations import HouseholderOrder1, MaxMin
+from lipverify.layers.activations import HouseholderOrder1, HouseholderOrder2, MaxMin
 from lipverify.layers.soc import space_to_depth
 from lipverify.models import LipConvNet, Normalize
 
@@ -113,6 +113,7 @@ def test_soc_rule_lipschitz_factor_covers_the_exact_jacobian(cin, cout, k, strid
     (Normalize((-300.0, 0.5), (0.25, 1.5)), (4, 2, 3, 3)),
     (MaxMin(), (4, 6, 3, 3)),
     (HouseholderOrder1(6, theta=1.234), (4, 6, 3, 3)),
+    (HouseholderOrder2(6), (4, 6, 3, 3)),
     (nn.Linear(20, 7), (4, 20)),
     (nn.Flatten(), (4, 2, 3, 3)),
 ])
@@ -127,22 +128,44 @@ def test_elementwise_and_linear_rules_cover_the_float32_forward(module, shape, s
 
 
 # -- delta over the ball: a property test over small random models ---------------------------
-def _tiny_lipconvnet(activation: str, last: str, seed: int) -> nn.Module:
+def _tiny_lipconvnet(activation: str, last: str, seed: int, conv: str = "soc") -> nn.Module:
     torch.manual_seed(seed)
-    return LipConvNet(activation=activation, num_layers=5, init_channels=2, last_layer=last,
-                      num_classes=4).eval()
+    return LipConvNet(conv=conv, activation=activation, num_layers=5, init_channels=2,
+                      last_layer=last, num_classes=4).eval()
 
 
-@given(kind=st.sampled_from(["linear", "maxmin-ortho", "hh1-lln"]),
+@pytest.mark.parametrize("cin,cout,k,stride,h", [(4, 4, 3, 1, 6), (3, 8, 3, 2, 8),
+                                                 (16, 10, 1, 1, 1)])
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_bcop_rounding_bound_covers_the_float32_forward(cin, cout, k, stride, h, scale):
+    from lipverify.layers import BCOP
+
+    torch.manual_seed(cin + cout + k + h)
+    m = BCOP(cin, cout, kernel_size=k, stride=stride).eval()
+    with torch.no_grad():
+        m.bias.uniform_(-scale, scale)
+    z = scale * torch.randn(3, cin, h, h)
+    with torch.no_grad():
+        w = m.conv_filter().double()
+        xs = space_to_depth(z.double(), stride)
+        if k // 2:
+            xs = F.pad(xs, (k // 2,) * 4, mode="circular")
+        err = (m(z).double() - F.conv2d(xs, w, m.bias.double())).flatten(1).norm(dim=1)
+    assert (err > 0).any() and (_local_bound(m, z) >= err).all()
+
+
+@settings(max_examples=12)
+@given(kind=st.sampled_from(["linear", "soc-maxmin-ortho", "soc-hh1-lln", "bcop-maxmin-lln",
+                             "soc-hh2-lln"]),
        offset=st.floats(0, 2000), seed=st.integers(0, 2**16), radius=st.floats(0.01, 0.5))
 def test_delta_covers_the_observed_margin_error_in_the_ball(kind, offset, seed, radius):
     if kind == "linear":
         model = rounding_model(offset, classes=5, seed=seed)
         x = points(3, seed=seed)
     else:
-        activation, last = kind.split("-")
-        model = _tiny_lipconvnet(activation, last, seed)
-        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        conv, activation, last = kind.split("-")
+        model = _tiny_lipconvnet(activation, last, seed, conv)
+        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     bound = execution_bound(model, x, radius)
     twin = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(seed + 1)
@@ -242,12 +265,12 @@ def test_certify_cli_float32(capsys, tmp_path):
 # -- refusals: the bound covers what runs, or says why not -------------------------------------
 def test_refuses_layers_without_a_rounding_rule():
     x = torch.rand(2, 3, 32, 32)
-    with pytest.raises(ExecutionRefused, match="HH2"):
-        execution_bound(_tiny_lipconvnet("hh2", "lln", 0), x, 0.1)
-    torch.manual_seed(0)
-    cayley = LipConvNet(conv="cayley", num_layers=5, init_channels=2, num_classes=4).eval()
-    with pytest.raises(ExecutionRefused, match="Cayley"):
+    cayley = _tiny_lipconvnet("maxmin", "ortho", 0, "cayley")
+    with pytest.raises(ExecutionRefused, match="Cayley.*FFT"):
         execution_bound(cayley, x, 0.1)
+    odd = nn.Sequential(nn.Flatten(), nn.Tanh()).eval()
+    with pytest.raises(ExecutionRefused, match="Tanh: no rounding rule"):
+        execution_bound(odd, x, 0.1)
 
 
 def test_refuses_hooks_instance_forwards_and_fast_eval():
@@ -303,23 +326,23 @@ def test_refuses_reduced_precision_settings_and_winograd_kernels(monkeypatch):
 
 
 def test_refused_models_audit_inconclusive_with_the_reason():
-    model = _tiny_lipconvnet("hh2", "lln", 0)
-    x = torch.rand(4, 3, 32, 32)
-    report = audit(model, x, checks=("attacks",), attacks="quick", execution="float32")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10), nn.Tanh()).eval()
+    report = audit(model, points(4), lipschitz=1.0, checks=("attacks",), attacks="quick",
+                   execution="float32")
     assert report.execution["executed_verdict"] == "inconclusive"
-    assert "HH2" in report.execution["reasons"][0]
+    assert "Tanh" in report.execution["reasons"][0]
     assert "radius_executed" not in report.samples[0]
 
 
 def test_certify_cli_refusal_is_one_line(tmp_path, capsys):
     from lipverify.checkpoints import save_checkpoint
 
-    path = tmp_path / "hh2.pt"
-    save_checkpoint(_tiny_lipconvnet("hh2", "lln", 0), path)
+    path = tmp_path / "cayley.pt"
+    save_checkpoint(_tiny_lipconvnet("maxmin", "lln", 0, "cayley"), path)
     code = main(["certify", str(path), "--dataset", "synthetic", "--n", "4",
                  "--execution", "float32"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "HH2" in err[0]
+    assert code == 2 and len(err) == 1 and "Cayley" in err[0]
 
 
 # -- replay -------------------------------------------------------------------------------------
@@ -452,3 +475,46 @@ def test_reference_lipconvnet5_delta_covers_the_observed_error(shared):
     m32 = l32.gather(1, real.pred[:, None]) - l32
     m64 = l64.gather(1, real.pred[:, None]) - l64
     assert ((m32 - m64).abs() <= ex.delta).all()
+
+
+def test_second_review_regressions(monkeypatch):
+    x = points(4)
+    # a reduced-precision oneDNN math mode, set by environment variable
+    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")
+    with pytest.raises(ExecutionRefused, match="FPMATH"):
+        execution_bound(rounding_model(4096.0), x, 0.1)
+    monkeypatch.delenv("ONEDNN_DEFAULT_FPMATH_MODE")
+    # HH1 after a Flatten broadcasts its angles: not the per-pair map the rule describes
+    flat_hh1 = nn.Sequential(nn.Flatten(), HouseholderOrder1(6), nn.Flatten(),
+                             nn.Linear(48 * 24, 4)).eval()
+    with pytest.raises(ExecutionRefused, match="HouseholderOrder1"):
+        execution_bound(flat_hh1, x, 0.1)
+    # a module that fails, or an output without the batch dimension: refusals
+    broken = _tiny_lipconvnet("maxmin", "ortho", 0)
+    broken.layer1[0].conv.eval_terms = -1
+    with pytest.raises(ExecutionRefused):
+        execution_bound(broken, torch.rand(1, 3, 32, 32), 0.1)
+    with pytest.raises(ExecutionRefused, match="batch dimension"):
+        execution_bound(nn.Sequential(nn.Flatten(0)).eval(), x, 0.1)
+    env = environment()
+    assert {"cpu_capability", "cpu_model", "ATEN_CPU_CAPABILITY"} <= set(env)
+
+
+def test_executed_radii_are_rounded_toward_zero():
+    model, x = rounding_model(4096.0), points(64)
+    ex = certify(model, x, lipschitz=1.0, execution="float32")
+    b = execution_bound(model, x, certify(model, x, lipschitz=1.0).radius.double())
+    from lipverify.execution import executed_radii
+
+    proven = executed_radii(b, 1.0, "ortho", ex.plain_radius.double())
+    assert (ex.radius.double() <= proven).all()
+
+
+def test_non_finite_logits_are_an_executed_refusal_not_bad_input():
+    model = rounding_model(4096.0)
+    with torch.no_grad():
+        model[3].weight[0, 0] = math.nan
+    report = audit(model, points(4), lipschitz=1.0, checks=("attacks",), attacks="quick",
+                   execution="float32")
+    assert report.execution["executed_verdict"] == "inconclusive"
+    assert "non-finite" in report.execution["reasons"][0]
