@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -154,7 +154,6 @@ def test_bcop_rounding_bound_covers_the_float32_forward(cin, cout, k, stride, h,
     assert (err > 0).any() and (_local_bound(m, z) >= err).all()
 
 
-@settings(max_examples=12)
 @given(kind=st.sampled_from(["linear", "soc-maxmin-ortho", "soc-hh1-lln", "bcop-maxmin-lln",
                              "soc-hh2-lln"]),
        offset=st.floats(0, 2000), seed=st.integers(0, 2**16), radius=st.floats(0.01, 0.5))
