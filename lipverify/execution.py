@@ -265,7 +265,7 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
                             k, k // 2, geo.h, geo.w, channels_last=True)
     # Term i is a dot product of length n with the filter A (1 + phi) / i, |phi| <= (1 + eta)
     # (1 + gamma_2) - 1 (1/i rounded, the scale applied), summed in any order: its error is at
-    # most gamma_{n-1} (1 + u) max(P+, P-) + u sum|p| (see _dot_error_weights), with
+    # most gamma_{n-1} (1 + u) max(P+, P-) + u sum|p| (the module docstring), with
     # max(P+, P-) = (|A||c| + |Ac|) / 2 per output.
     scale = (1 + eta) * (1 + gamma(2))
     k_sum = scale * gamma(n - 1) * (1 + U32)
@@ -713,7 +713,10 @@ def executed_radii(
         if bound.distances is None:
             raise ValueError("LLN radii need the head's row distances")
         dist = bound.distances[pred]
-        r = (margins - 2 * bound.delta) / (dist * lip)
+        num = margins - 2 * bound.delta
+        # identical rows: the margin is a constant, never flipped when it stays positive
+        r = torch.where(dist > 0, num / (dist.clamp_min(1e-300) * lip),
+                        torch.where(num > 0, math.inf, 0.0))
     else:
         r = (margins - 2 * bound.delta) / (math.sqrt(2.0) * lip)
     r = r.masked_fill(~other, math.inf).min(1).values

@@ -517,3 +517,4 @@ def test_non_finite_logits_are_an_executed_refusal_not_bad_input():
                    execution="float32")
     assert report.execution["executed_verdict"] == "inconclusive"
     assert "non-finite" in report.execution["reasons"][0]
+
