@@ -19,6 +19,11 @@ flagged; **inconclusive** otherwise, including auditor errors (a lower bound abo
 bound). The certificate formula (kind and claimed map) is decided once, by
 :func:`lipverify.certificates.claim_of`, as in :func:`lipverify.certify`.
 
+With ``execution="float32"`` the plan also holds the float32 model's own forward (a copy,
+outside ``fast_eval``) and its executed radii (:mod:`lipverify.execution`); the attack chunks
+add executed violations, and :func:`verdict.decide_executed
+<lipverify.audits.verdict.decide_executed>` gives the report's ``executed_verdict``.
+
 Attacks and lower bounds can only refute; only the guaranteed upper bound can support "sound".
 Chunk ``c`` covers points ``[c * ATTACK_CHUNK, (c + 1) * ATTACK_CHUNK)`` and is attacked with
 the seed ``seed * 100003 + c`` wherever it runs; each stage can checkpoint its results to
