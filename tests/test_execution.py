@@ -518,3 +518,26 @@ def test_non_finite_logits_are_an_executed_refusal_not_bad_input():
     assert report.execution["executed_verdict"] == "inconclusive"
     assert "non-finite" in report.execution["reasons"][0]
 
+
+
+def test_chunks_in_any_order_give_the_float32_audit_report(tmp_path):
+    """The sharded path (stages, chunks claimed in any order, one state folder) reports the
+    executed violations and radii that one audit() does, records in step with the rows."""
+    from lipverify.audits import runner
+    from lipverify.audits.runner import AuditState
+
+    model, x = rounding_model(4096.0), points(80)
+    opts = dict(lipschitz=1.0, checks=("attacks",), attacks="quick", execution="float32")
+    ref = audit(model, x, **opts)
+    plan = runner.plan_audit(model, x, **opts)
+    state = AuditState(tmp_path / "state", plan.fingerprint)
+    with runner.attack_context(plan) as mat:
+        for c in (2, 0, 1):
+            runner.attack_chunk(plan, state, c)
+    chunks = [state.load(runner.chunk_name(c), runner._CHUNK_KEYS) for c in range(3)]
+    got = runner.assemble_report(plan, attacks=runner.merge_attacks(plan, chunks, mat))
+    assert any(v["kind"] == "executed" for v in ref.violations)
+    assert got.violations == ref.violations and got.samples == ref.samples
+    assert got.execution["executed_verdict"] == ref.execution["executed_verdict"]
+    for row, rec in zip(got.violations, got.violation_tensors, strict=True):
+        assert (row["index"], row["kind"]) == (rec["index"], rec["kind"])
