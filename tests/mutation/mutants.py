@@ -177,4 +177,19 @@ MUTANTS: tuple[Mutant, ...] = (
               "            if False:"),),
         ("tests/test_execution.py::test_refuses_reduced_precision_settings_and_winograd_kernels",),
     ),
+    Mutant(
+        "exec-radius-one-delta",
+        "the executed radius subtracts the margin error bound once, not twice",
+        (Edit("lipverify/execution.py",
+              "        r = (margins - 2 * bound.delta) / (math.sqrt(2.0) * lip)",
+              "        r = (margins - bound.delta) / (math.sqrt(2.0) * lip)"),),
+        ("tests/test_execution.py::test_certify_float32_radii_are_smaller_and_the_default_stays_real",),
+    ),
+    Mutant(
+        "exec-flip-inside-rhat-not-an-error",
+        "a float32 flip inside the executed radius is not reported as an auditor error",
+        (Edit("audits/verdict.py", "            if v[\"distance\"] < r_hat:",
+              "            if False:"),),
+        ("tests/test_execution.py::test_an_executed_flip_inside_the_executed_radius_is_an_auditor_error",),
+    ),
 )
