@@ -122,6 +122,8 @@ class AuditReport:
                 lines.append(f"  price of rounding (r - r_exec)/r: median "
                              f"{ex['price_median']:.3g}, max {ex['price_max']:.3g}; delta "
                              f"median {ex['delta_median']:.3g}")
+                lines += [f"  certified accuracy of the float32 model at r={r}: {_pct(v)}"
+                          for r, v in (ex.get("certified_accuracy") or {}).items()]
         if self.certificate_violations:
             lines.append(f"certifier radii beyond the guaranteed bound: "
                          f"{len(self.certificate_violations)}")
@@ -213,6 +215,9 @@ class AuditReport:
                        "dominant ops: " + ", ".join(
                            f"{o['op']} ({_fmt(o['median_share'])})"
                            for o in ex.get("dominant_ops") or []), ""]
+                md += [f"certified accuracy of the float32 model (executed radii) at r = {r}: "
+                       f"{_pct(v)}" for r, v in (ex.get("certified_accuracy") or {}).items()]
+                md.append("")
             md += ["assumptions: " + "; ".join(ex.get("assumptions", [])), ""]
         if self.warnings:
             md += ["## Warnings", "", *[f"- {w}" for w in self.warnings], ""]

@@ -60,6 +60,7 @@ from lipverify.certificates import (
     EXECUTIONS,
     Certificates,
     certificate_kind_of,
+    certified_accuracy,
     certify,
     claim_of,
 )
@@ -677,6 +678,8 @@ def _execution_section(plan: AuditPlan, verdict: str, attacks: AttackResult | No
             "delta_max": float(delta.max()),
             "n_executed_radius_positive": int((r_hat > 0).sum()),
             "dominant_ops": plan.executed_ops,
+            "certified_accuracy": certified_accuracy(
+                None, None, plan.y, plan.radii, certificates=ecert)["certified_accuracy"],
         })
     return out
 

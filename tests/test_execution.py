@@ -198,6 +198,9 @@ def test_float32_audit_reports_executed_violations(rounding_audit):
     md = report.to_markdown()
     assert "## Execution in float32" in md and "| executed |" in md
     assert "executed (float32) verdict: UNSOUND" in report.summary()
+    r_hat = torch.tensor([s["radius_executed"] for s in report.samples])
+    for r, acc in report.execution["certified_accuracy"].items():
+        assert acc == pytest.approx(float((r_hat > float(r)).double().mean()))
     twin = copy.deepcopy(model).double()
     for v in report.violation_tensors:
         if v["kind"] != "executed":
