@@ -185,53 +185,47 @@ class _Recorder:
             self.min_dist[i] = min(float(self.min_dist[i]), float(dist[j]))
         below = dist < self.bound[rows]
         self.unconfirmed += int((found32[keep] & ~confirmed & below).sum())
+        batch = (rows, keep, xa, x0, dist, logits64, source)
         if self.executed is not None:
-            self._check_executed(rows, keep, xa, x0, dist, ~adv64 & inbox & below, logits64,
-                                 source)
+            self._check_executed(batch, ~adv64 & inbox & below)
         viol = (confirmed & below).nonzero()[:, 0].tolist()
         if not viol:
             return
         logits32 = self.model(xa[viol])
-        own = ([bool(int(self.executed(xa[j:j + 1]).argmax()) != int(self.pred[rows[j]]))
-                for j in viol] if self.executed is not None else [None] * len(viol))
         for n, j in enumerate(viol):
-            i = int(rows[j])
-            old = self.violations.get(i)
-            if old is not None and old.distance <= float(dist[j]):
-                continue
-            self.violations[i] = Violation(
-                index=i, x=x0[j].detach().float().cpu(), x_adv=xa[j].float().cpu(),
-                distance=float(dist[j]), radius=float(self.radius[i]),
-                attack=source[int(keep[j])] or "unknown", pred=int(self.pred[i]),
-                adv_pred=int(logits64[j].argmax()), logits32=logits32[n].detach().float().cpu(),
-                logits64=logits64[j].detach().cpu(), float32_flips=own[n],
-            )
+            own = (None if self.executed is None else
+                   bool(int(self.executed(xa[j:j + 1]).argmax()) != int(self.pred[rows[j]])))
+            self._keep(self.violations, batch, j, logits32[n], int(logits64[j].argmax()),
+                       float32_flips=own)
 
-
-    def _check_executed(self, rows, keep, xa, x0, dist, open_, logits64, source) -> None:  # noqa: ANN001
+    def _check_executed(self, batch: tuple, open_: torch.Tensor) -> None:
         """Candidates that float64 does not confirm, re-run through the float32 model's own
         forward (``executed``): a flip there is an executed violation."""
-        idx = open_.nonzero()[:, 0]
-        if idx.numel() == 0:
-            return
+        rows, _, xa = batch[:3]
         # one point at a time: the float32 result can depend on the batch, and replay runs
         # each record alone
-        logits32 = torch.cat([self.executed(xa[j:j + 1]) for j in idx.tolist()])
-        flips = (logits32.argmax(1).cpu() != self.pred[rows[idx]].cpu())
-        for n, j in enumerate(idx.tolist()):
-            if not flips[n]:
-                continue
-            i = int(rows[j])
-            old = self.executed_violations.get(i)
-            if old is not None and old.distance <= float(dist[j]):
-                continue
-            self.executed_violations[i] = Violation(
-                index=i, x=x0[j].detach().float().cpu(), x_adv=xa[j].float().cpu(),
-                distance=float(dist[j]), radius=float(self.radius[i]),
-                attack=source[int(keep[j])] or "unknown", pred=int(self.pred[i]),
-                adv_pred=int(logits32[n].argmax()), logits32=logits32[n].detach().float().cpu(),
-                logits64=logits64[j].detach().cpu(), kind="executed",
-            )
+        for j in open_.nonzero()[:, 0].tolist():
+            logits32 = self.executed(xa[j:j + 1])[0]
+            if int(logits32.argmax()) != int(self.pred[rows[j]]):
+                self._keep(self.executed_violations, batch, j, logits32,
+                           int(logits32.argmax()), kind="executed")
+
+    def _keep(self, store: dict, batch: tuple, j: int, logits32: torch.Tensor, adv_pred: int,
+              **extra: object) -> None:
+        """Record candidate ``j`` of ``batch`` in ``store`` unless its sample already has a
+        violation at a smaller distance."""
+        rows, keep, xa, x0, dist, logits64, source = batch
+        i = int(rows[j])
+        old = store.get(i)
+        if old is not None and old.distance <= float(dist[j]):
+            return
+        store[i] = Violation(
+            index=i, x=x0[j].detach().float().cpu(), x_adv=xa[j].float().cpu(),
+            distance=float(dist[j]), radius=float(self.radius[i]),
+            attack=source[int(keep[j])] or "unknown", pred=int(self.pred[i]),
+            adv_pred=adv_pred, logits32=logits32.detach().float().cpu(),
+            logits64=logits64[j].detach().cpu(), **extra,
+        )
 
 
 def attack_audit(

@@ -218,7 +218,6 @@ class OpBound:
     lip: float
     kappa: float
     beta: float | torch.Tensor = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def _schur(a: torch.Tensor) -> float:
@@ -331,8 +330,7 @@ def _soc_rule(m: SOC, z: torch.Tensor, st: _State) -> OpBound:
     # addition, in every term, carried through the rest of the series (<= e^alpha)
     local = local + math.sqrt(out_numel) * (terms + 2) * (n + 2) * TINY * (
         1 + float(a.abs().max())) * math.exp(min(alpha, 700.0)) * 2
-    return OpBound(f"SOC({m.extra_repr()})", lip, 0.0, local,
-                   [f"{geo.kind} kernel, n={n}, ||A||<={alpha:.4g}, || |A| ||<={abs_norm:.4g}"])
+    return OpBound(f"SOC({m.extra_repr()})", lip, 0.0, local)
 
 
 def _check_conv_backend(name: str, shapes: Iterable[tuple[int, int]], k: int, pad: int,
@@ -391,8 +389,7 @@ def _bcop_rule(m: BCOP, z: torch.Tensor, st: _State) -> OpBound:
     local = (k_sum * (half + (abs_norm + lip) / 2 * dev)
              + U32 * (s_abs.flatten(1).norm(dim=1) * slack + abs_norm * dev))
     local = local + math.sqrt(val[0].numel()) * (n + 2) * TINY * (1 + float(w.abs().max()))
-    return OpBound(f"BCOP({m.extra_repr()})", lip, 0.0, local,
-                   [f"n={n}, ||W||<={lip:.4g}, || |W| ||<={abs_norm:.4g}"])
+    return OpBound(f"BCOP({m.extra_repr()})", lip, 0.0, local)
 
 
 def _normalize_rule(m: Normalize, z: torch.Tensor, st: _State) -> OpBound:
@@ -430,7 +427,7 @@ def _linear_rule(m: nn.Linear, z: torch.Tensor, st: _State) -> OpBound:
     n = w.shape[1]
     with torch.no_grad():
         smax = float(torch.linalg.matrix_norm(w, ord=2))
-    lip = min(_schur(w), float(w.norm()), smax * (1 + 1e-8)) * (1 + NORM_SLACK)
+    lip = min(_schur(w), float(w.norm()), smax * (1 + SAFETY)) * (1 + NORM_SLACK)
     if n == 0 or w.shape[0] == 0 or not torch.isfinite(w).all():
         raise ExecutionRefused("Linear: empty or non-finite weights")
     g = gamma(n + 1)
@@ -575,8 +572,7 @@ class ExecutionBound:
     delta: torch.Tensor
     logits: torch.Tensor
     ops: list[tuple[str, torch.Tensor]]
-    environment: dict
-    distances: torch.Tensor | None = None  # LLN: exact ||w_i - w_j|| (K, K), float64
+    distances: torch.Tensor | None = None  # LLN: ||w_i - w_j|| (K, K) of the rows as computed
 
     def dominant(self, top: int = 3) -> list[dict]:
         """The ops with the largest median share of ``delta``."""
@@ -656,7 +652,7 @@ def execution_bound(model: nn.Module, x: torch.Tensor, rho: torch.Tensor | float
                                    "at x (a custom forward or hidden state)")
     pred = logits.argmax(1)
     delta = delta.scatter(1, pred[:, None], 0.0)
-    return ExecutionBound(delta, logits, shares, environment(), distances)
+    return ExecutionBound(delta, logits, shares, distances)
 
 
 def _shares(ops: Iterable, factor: float) -> list[tuple[str, torch.Tensor]]:
@@ -710,8 +706,9 @@ def executed_radii(
     other = torch.ones_like(margins, dtype=torch.bool).scatter_(1, pred[:, None], False)
     lip = float(lipschitz) * (1 + 1e-12)
     if kind == "lln":
-        if bound.distances is None:
-            raise ValueError("LLN radii need the head's row distances")
+        if bound.distances is None:  # an "lln" claim on a model whose head is not an LLN
+            raise ExecutionRefused("LLN certificates need an LLN head; this model's head "
+                                   "gives no row distances")
         dist = bound.distances[pred]
         num = margins - 2 * bound.delta
         # identical rows: the margin is a constant, never flipped when it stays positive
