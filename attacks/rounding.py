@@ -62,19 +62,18 @@ def rounding_search(
     xs, ps = x[live], pred[live].to(x.device)
     rs = radius[live].double().cpu()
     d = _direction(model, xs, ps)
-    shape = (-1, *([1] * (x.dim() - 1)))
+    ones = [1] * (x.dim() - 1)
     for start in range(0, budget, group):
         k = min(group, budget - start)
         s = 10 ** (-7 + 5 * torch.rand(k, len(live), generator=gen, dtype=torch.float64))
         jit = 10 ** (-6 + 3 * torch.rand(k, len(live), generator=gen, dtype=torch.float64))
-        noise = torch.randn((k, *xs.shape), generator=gen).to(x.device)
-        noise = noise / l2_norms(noise.flatten(0, 1)).view(k, len(live), *shape[1:])
-        t = rs[None, :] * (1 - s)
-        cand = (xs[None] + (t[..., None, None, None] * d[None].double().cpu()).to(x.dtype)
-                .to(x.device) + (jit * t)[..., None, None, None].to(x.dtype).to(x.device)
-                * noise).clamp(0, 1)
-        cand = cand.flatten(0, 1)
-        dist = l2_norms(cand.double() - xs.repeat(k, *([1] * (x.dim() - 1))).double()).cpu()
+        noise = torch.randn((k, *xs.shape), generator=gen).to(x.device, x.dtype)
+        noise = noise / l2_norms(noise.flatten(0, 1)).view(k, len(live), *ones)
+        t = rs[None, :] * (1 - s)  # the depth along d, and the jitter's size
+        depth = t.to(x.device, x.dtype).view(k, len(live), *ones)
+        size = (jit * t).to(x.device, x.dtype).view(k, len(live), *ones)
+        cand = (xs[None] + depth * d[None] + size * noise).clamp(0, 1).flatten(0, 1)
+        dist = l2_norms(cand.double() - xs.repeat(k, *ones).double()).cpu()
         inside = dist < rs.repeat(k)
         flips = (model(cand).argmax(1) != ps.repeat(k)).cpu() & inside
         for idx in flips.nonzero()[:, 0].tolist():

@@ -544,3 +544,17 @@ def test_chunks_in_any_order_give_the_float32_audit_report(tmp_path):
     assert got.execution["executed_verdict"] == ref.execution["executed_verdict"]
     for row, rec in zip(got.violations, got.violation_tensors, strict=True):
         assert (row["index"], row["kind"]) == (rec["index"], rec["kind"])
+
+
+def test_rounding_search_returns_points_inside_the_ball_for_any_input_rank():
+    model = nn.Sequential(nn.Linear(5, 3)).eval()
+    x = torch.rand(16, 5, generator=torch.Generator().manual_seed(0))
+    radius = torch.full((16,), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    xa, found = rounding_search(model, x, pred, radius, budget=32)
+    assert found.any()
+    dist = (xa.double() - x.double()).norm(dim=1)
+    assert (dist[found] < radius[found]).all() and ((xa >= 0) & (xa <= 1)).all()
+    with torch.no_grad():
+        assert (model(xa[found]).argmax(1) != pred[found]).all()
